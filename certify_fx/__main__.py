@@ -1,0 +1,7 @@
+"""``python -m certify_fx`` runs the ``certify-fx`` command line."""
+
+import sys
+
+from certify_fx.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,215 @@
+"""Operator norms of linear layers: sound upper bounds and power-iteration estimates.
+
+Power iteration converges to ``||A||`` from below, so it is only an *estimate*. A certificate rests
+on the upper bounds here:
+
+* dense ``W``: the exact largest singular value, in float64, times ``1 + SAFETY``;
+* convolutions: the linear (zero-padded) convolution is a restriction of a circular convolution
+  on a large enough canvas, whose singular values are exactly those of the per-frequency matrices
+  of the kernel's 2-D DFT (Sedghi et al., 2019). Strides are removed first by an orthogonal
+  space-to-depth rearrangement of the (padded) input, which turns a stride-``s`` conv into a
+  stride-1 "valid" conv with ``s*s`` times as many input channels; a conv whose kernel equals its
+  stride then has a single frequency and its norm is that of the reshaped kernel, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "SAFETY",
+    "NormBound",
+    "dense_norm_bound",
+    "conv2d_norm_bound",
+    "conv2d_adjoint",
+    "power_iteration",
+]
+
+# Relative slack on every computed norm; float64 SVD/FFT round-off is ~1e-13, so this is generous.
+SAFETY = 1e-6
+# Largest number of complex matrix entries handled in one batch of per-frequency eigenproblems.
+_CHUNK_ENTRIES = 2**23
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """An upper bound on an operator norm and how it was obtained.
+
+    ``sound`` is True only when ``value`` is a proven upper bound (not an estimate).
+    """
+
+    value: float
+    sound: bool
+    method: str
+
+    def __mul__(self, other: "NormBound") -> "NormBound":
+        return NormBound(self.value * other.value, self.sound and other.sound, _join(self.method, other.method, "*"))
+
+    def __add__(self, other: "NormBound") -> "NormBound":
+        return NormBound(self.value + other.value, self.sound and other.sound, _join(self.method, other.method, "+"))
+
+
+def _join(a: str, b: str, sep: str) -> str:
+    if a == b or not b or b == "exact":
+        return a
+    if not a or a == "exact":
+        return b
+    return f"{a}{sep}{b}"
+
+
+def exact(value: float) -> NormBound:
+    """A norm known in closed form (reshapes, selections, averaging, scalings)."""
+    return NormBound(float(value), True, "exact")
+
+
+def _largest_singular_value(matrices: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in a batch (..., m, n), via the smaller Gram matrix."""
+    m, n = matrices.shape[-2:]
+    gram = matrices @ matrices.mH if m <= n else matrices.mH @ matrices
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def dense_norm_bound(weight: torch.Tensor) -> NormBound:
+    """Sound bound on ``||W||_2`` for a dense (out, in) matrix: exact in float64, plus slack."""
+    w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+    if w.numel() == 0:
+        return NormBound(0.0, True, "svd")
+    sigma = torch.linalg.matrix_norm(w, ord=2).item()
+    return NormBound(sigma * (1 + SAFETY), True, "svd")
+
+
+def _axis_plan(n: int, pad_lo: int, pad_hi: int, k_eff: int, stride: int) -> tuple[int, int, int]:
+    """Per spatial axis: (input length after cropping, canvas size, phase count) for the DFT bound."""
+    # Negative padding crops the input; cropping has norm <= 1, so bound the conv on the cropped input.
+    n = n + min(pad_lo, 0) + min(pad_hi, 0)
+    pad_lo, pad_hi = max(pad_lo, 0), max(pad_hi, 0)
+    if stride == 1:
+        # Reads that fall outside [0, n) wrap into the zero region [n, canvas) iff canvas >= n + max pad.
+        return n, max(n + max(pad_lo, pad_hi), k_eff), 1
+    padded = n + pad_lo + pad_hi
+    return n, max(math.ceil(padded / stride), math.ceil(k_eff / stride)), stride
+
+
+def _dilate(weight: torch.Tensor, dilation: tuple[int, int]) -> torch.Tensor:
+    if dilation == (1, 1):
+        return weight
+    o, c, kh, kw = weight.shape
+    dh, dw = dilation
+    out = weight.new_zeros(o, c, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    out[:, :, ::dh, ::dw] = weight
+    return out
+
+
+def _space_to_depth_kernel(weight: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+    """Rearrange a stride-s kernel into the stride-1 kernel acting on the space-to-depth input."""
+    sh, sw = stride
+    o, c, kh, kw = weight.shape
+    qh, qw = math.ceil(kh / sh), math.ceil(kw / sw)
+    padded = F.pad(weight, (0, qw * sw - kw, 0, qh * sh - kh))
+    # kernel tap (q*s + r) reads phase r of input block q
+    padded = padded.reshape(o, c, qh, sh, qw, sw).permute(0, 1, 3, 5, 2, 4)
+    return padded.reshape(o, c * sh * sw, qh, qw)
+
+
+@torch.no_grad()
+def conv2d_norm_bound(
+    weight: torch.Tensor,
+    input_hw: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> NormBound:
+    """Sound upper bound on the l2 operator norm of a 2-D convolution with zero padding.
+
+    Args:
+        weight: kernel of shape (out_channels, in_channels // groups, kh, kw).
+        input_hw: spatial size (H, W) of the input.
+        stride, dilation: per axis.
+        padding: zero padding (top, bottom, left, right); negative values crop.
+        groups: the norm of a grouped conv is the maximum over its groups.
+    """
+    w = _dilate(weight.detach().to(torch.float64), dilation)
+    o, c_g, kh, kw = w.shape
+    (_, mh, _), (_, mw, _) = (
+        _axis_plan(input_hw[0], padding[0], padding[1], kh, stride[0]),
+        _axis_plan(input_hw[1], padding[2], padding[3], kw, stride[1]),
+    )
+    w = _space_to_depth_kernel(w, stride)
+    kh, kw = w.shape[-2:]
+    w = w.reshape(groups, o // groups, w.shape[1], kh, kw)
+    if kh == 1 and kw == 1:
+        # a single frequency: the conv is a block-diagonal copy of one matrix, norm exact
+        sigma = _largest_singular_value(w[..., 0, 0]).max().item()
+        return NormBound(sigma * (1 + SAFETY), True, "svd")
+    spectrum = torch.fft.rfft2(w, s=(mh, mw))  # (g, o_g, c', mh, mw//2+1)
+    mats = spectrum.permute(0, 3, 4, 1, 2).reshape(-1, spectrum.shape[1], spectrum.shape[2])
+    per_chunk = max(1, _CHUNK_ENTRIES // (mats.shape[-1] * mats.shape[-2]))
+    sigma = max(_largest_singular_value(chunk).max().item() for chunk in mats.split(per_chunk))
+    return NormBound(sigma * (1 + SAFETY), True, "fft")
+
+
+def conv2d_adjoint(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    input_hw: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """Adjoint of ``conv2d(pad(x, padding), weight, stride, dilation, groups)`` applied to ``y``.
+
+    ``output_padding`` restores the full padded size, which a strided conv would otherwise lose.
+    """
+    top, bottom, left, right = padding
+    padded = (input_hw[0] + top + bottom, input_hw[1] + left + right)
+    kh, kw = weight.shape[-2:]
+    output_padding = tuple(
+        p - ((n - 1) * s + d * (k - 1) + 1)
+        for p, n, s, d, k in zip(padded, y.shape[-2:], stride, dilation, (kh, kw))
+    )
+    x = F.conv_transpose2d(y, weight, stride=stride, dilation=dilation, groups=groups, output_padding=output_padding)
+    return F.pad(x, (-left, -right, -top, -bottom))
+
+
+def power_iteration(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    adjoint: Callable[[torch.Tensor], torch.Tensor],
+    vector: torch.Tensor,
+    steps: int = 100,
+    tol: float | None = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimate ``||A||`` by power iteration on ``A^T A``; an estimate from *below*, never a bound.
+
+    Args:
+        apply, adjoint: the operator and its transpose, on batched tensors.
+        vector: the starting iterate (batch of one), e.g. a persisted buffer.
+        steps: maximum number of iterations (0 just evaluates the current iterate).
+        tol: stop when the estimate changes by less than this relative amount.
+
+    Returns:
+        ``(sigma, vector)``: the estimate ``||A v||`` with gradient flowing through this one final
+        application only, and the detached, normalised iterate to persist.
+    """
+    with torch.no_grad():
+        v = vector / vector.norm().clamp_min(1e-30)
+        previous = None
+        for _ in range(steps):
+            w = adjoint(apply(v))
+            norm = w.norm()
+            if norm == 0:
+                break
+            v = w / norm
+            sigma = norm.sqrt().item()
+            if tol is not None and previous is not None and abs(sigma - previous) <= tol * sigma:
+                break
+            previous = sigma
+    v = v.detach()
+    return apply(v).norm(), v

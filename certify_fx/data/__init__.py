@@ -1,0 +1,1 @@
+"""Dataset builders reading standard formats from local paths (never downloading)."""

@@ -1,0 +1,35 @@
+"""Exceptions raised by certify-fx.
+
+Every error that concerns a graph node names the node, its operation, and the fix (usually a
+`certify_fx.transforms` pass), so that a user never has to read a torch.fx traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CertifyFxError", "TraceError", "UnsupportedNodeError", "NotLipschitzError"]
+
+
+class CertifyFxError(Exception):
+    """Base class of all certify-fx errors."""
+
+
+class TraceError(CertifyFxError):
+    """The model could not be traced with torch.fx."""
+
+
+class UnsupportedNodeError(CertifyFxError, ValueError):
+    """A node whose Lipschitz behaviour the bound compiler does not know.
+
+    The compiler fails closed: an unknown operation is never assumed to be 1-Lipschitz.
+    """
+
+    def __init__(self, node: str, op: str, reason: str, fix: str | None = None) -> None:
+        self.node, self.op, self.reason, self.fix = node, op, reason, fix
+        message = f"node '{node}' ({op}): {reason}"
+        if fix:
+            message += f". Fix: {fix}"
+        super().__init__(message)
+
+
+class NotLipschitzError(UnsupportedNodeError):
+    """A node that is not globally Lipschitz (softmax attention, LayerNorm, training-mode BatchNorm, ...)."""

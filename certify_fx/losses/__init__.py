@@ -1,0 +1,1 @@
+"""GloRo training losses: gloro_ce, trades, emma, cll."""

@@ -1,0 +1,101 @@
+"""The LiResNet family (Hu et al., 2023, App. B), registered with timm as ``liresnet_l{L}w{W}``.
+
+stem (conv + MinMax) -> L x (LiResNetBlock -> MinMax) -> neck (conv k4 s4 to 2W + MinMax, flatten,
+dense to d + MinMax) -> LLN head. Input normalisation is part of the model, so certificates are in
+[0, 1] pixel space.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from timm.models import register_model
+from torch import nn
+
+from ..nn import LiResNetBlock, LLNLinear, MinMax, Normalize
+
+__all__ = ["LiResNet", "STEMS"]
+
+#: (kernel, stride, padding) of the stem per input size; each gives a 16x16 feature map (App. B).
+STEMS: dict[int, tuple[int, int, int]] = {32: (5, 2, 2), 64: (7, 4, 3), 224: (14, 14, 0), 28: (5, 2, 2)}
+
+_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_rate", "drop_path_rate", "global_pool")
+
+
+class LiResNet(nn.Module):
+    """A GloRo-ready residual network whose every block is exactly bounded.
+
+    Args:
+        num_classes: number of logits.
+        depth: ``L``, the number of LiResNet blocks.
+        width: ``W``, channels in the backbone.
+        in_chans: input channels.
+        img_size: input height and width (chooses the stem, see :data:`STEMS`).
+        neck_dim: ``d``, width of the dense neck layer (2048; 4096 on ImageNet).
+        mean, std: input normalisation statistics (identity by default).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        depth: int = 12,
+        width: int = 512,
+        in_chans: int = 3,
+        img_size: int = 32,
+        neck_dim: int = 2048,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        stem: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if width % 2:
+            raise ValueError(f"width must be even for MinMax, got {width}")
+        kernel, stride, padding = stem or STEMS.get(img_size, (3, 1, 1))
+        self.num_classes, self.depth, self.width = num_classes, depth, width
+        self.pretrained_cfg = {"input_size": (in_chans, img_size, img_size), "num_classes": num_classes}
+        self.normalize = Normalize(mean or [0.0] * in_chans, std or [1.0] * in_chans)
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, kernel, stride, padding), MinMax())
+        self.blocks = nn.Sequential(
+            *(nn.Sequential(LiResNetBlock(width, depth), MinMax()) for _ in range(depth))
+        )
+        feature = (img_size + 2 * padding - kernel) // stride + 1
+        pooled = feature // 4
+        if pooled < 1:
+            raise ValueError(f"img_size {img_size} is too small for the stem {kernel, stride, padding} and neck")
+        self.neck = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 4, 4), MinMax(), nn.Flatten(),
+            nn.Linear(2 * width * pooled * pooled, neck_dim), MinMax(),
+        )
+        self.head = LLNLinear(neck_dim, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.blocks(self.stem(self.normalize(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def _create(depth: int, width: int, pretrained: bool = False, **kwargs: Any) -> LiResNet:
+    if pretrained:
+        raise ValueError("certify-fx ships no pretrained LiResNet weights; train one with `certify-fx train`")
+    for key in _TIMM_KWARGS:
+        kwargs.pop(key, None)
+    return LiResNet(depth=depth, width=width, **kwargs)
+
+
+def _register(depth: int, width: int) -> None:
+    name = f"liresnet_l{depth}w{width}"
+
+    def factory(pretrained: bool = False, **kwargs: Any) -> LiResNet:
+        return _create(depth, width, pretrained, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"LiResNet with {depth} blocks of width {width}."
+    factory.__module__ = __name__
+    register_model(factory)
+
+
+# The paper's configurations (L6W128 ... L12W588), deeper ones from App. D, and CPU-sized ones.
+for _depth, _width in [(6, 128), (12, 256), (12, 512), (12, 588), (18, 512), (24, 512), (6, 64), (12, 64), (4, 32)]:
+    _register(_depth, _width)

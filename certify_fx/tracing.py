@@ -1,0 +1,68 @@
+"""torch.fx tracing shared by the bound compiler and the transforms.
+
+The tracer keeps certify-fx's own layers and timm's "no-trace" modules as leaves (timm marks the
+modules and functions that symbolic tracing cannot go through) and turns tracing failures into a
+:class:`~certify_fx.errors.TraceError` that says what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import nn as cnn
+from .errors import TraceError
+
+__all__ = ["CertifyTracer", "trace", "LEAF_MODULES"]
+
+#: certify-fx layers the compiler has exact rules for; never traced through.
+LEAF_MODULES: tuple[type[nn.Module], ...] = (cnn.GroupSort, cnn.Affine, cnn.LiResNetBlock, cnn.LLNLinear)
+
+
+def _timm_notrace() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # timm is a dependency, but keep the tracer usable without it
+        return set(), ()
+    functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+    return set(timm_fx.get_notrace_modules()), functions
+
+
+class CertifyTracer(fx.Tracer):
+    """``fx.Tracer`` with certify-fx and timm leaf modules and timm's autowrapped functions."""
+
+    def __init__(self, extra_leaves: tuple[type[nn.Module], ...] = ()) -> None:
+        self._timm_leaves, functions = _timm_notrace()
+        super().__init__(autowrap_functions=functions)
+        self._extra_leaves = extra_leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, LEAF_MODULES + self._extra_leaves) or type(m) in self._timm_leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, extra_leaves: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a GraphModule (returned as is if it already is one)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        graph = CertifyTracer(extra_leaves).trace(model)
+    except Exception as exc:  # torch.fx raises many types; report one clear error
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "Data-dependent control flow (if/for on tensor values) is not traceable; move it into a "
+            "leaf module or rewrite it with tensor ops"
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(model, graph, class_name=name)
+
+
+def example_input(input_shape: tuple[int, ...], batch: int = 2, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """A deterministic example batch used to propagate shapes."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch, *input_shape, generator=generator, dtype=dtype).to(device)

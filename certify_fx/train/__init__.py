@@ -1,0 +1,1 @@
+"""Recipe schema, trainer, eps schedules, checkpoints and distributed helpers."""

@@ -1,0 +1,1 @@
+"""The ``certify-fx`` command line (installed as ``certify_fx.cli``)."""
