@@ -85,23 +85,28 @@ def _fmt(x: float) -> str:
 
 
 def print_bound(result, console, title: str, seconds: float, show_nodes: bool = True) -> None:
+    import torch
     from rich.table import Table
 
     if show_nodes:
-        table = Table(title=f"Lipschitz bound of {title}", show_lines=False)
-        for col in ("node", "kind", "operation (folded)", "factor", "est.", "K so far", "K est.", "method"):
-            table.add_column(col, justify="right" if col in ("factor", "est.", "K so far", "K est.") else "left")
+        table = Table(title=f"Lipschitz bound of {title}", caption="K: bound w.r.t. the input; est.: power iteration")
+        table.add_column("node", no_wrap=True)
+        table.add_column("kind", no_wrap=True)
+        table.add_column("operation (folded)", overflow="fold")
+        for col in ("factor", "K", "K est."):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("method", no_wrap=True)
         for row in result.nodes:
-            table.add_row(row.node, row.kind, row.op[:60], _fmt(row.factor), _fmt(row.factor_estimate),
-                          _fmt(row.lipschitz), _fmt(row.lipschitz_estimate), row.method + ("" if row.sound else " (!)"))
+            table.add_row(row.node, row.kind, row.op, _fmt(row.factor), _fmt(row.lipschitz),
+                          _fmt(row.lipschitz_estimate), row.method + ("" if row.sound else " (unproven)"))
         console.print(table)
     m = result.margin
-    off = ~__import__("torch").eye(m.shape[0], dtype=__import__("torch").bool)
-    summary = Table(title="margin Lipschitz constants K[i, j]", show_header=False)
+    off = ~torch.eye(m.shape[0], dtype=torch.bool)
+    summary = Table(title=f"margin Lipschitz constants K[i, j] of {title}", show_header=False)
     summary.add_row("classes", str(result.num_classes))
     summary.add_row("sound (every factor proven)", "[green]yes[/]" if result.sound else "[red]no[/]")
     summary.add_row("penultimate K", _fmt(result.penultimate))
-    summary.add_row("K[i, j] min / mean / max", " / ".join(_fmt(float(v)) for v in (m[off].min(), m[off].mean(), m[off].max())))
+    summary.add_row("K[i, j] min / mean / max (i != j)", " / ".join(_fmt(float(v)) for v in (m[off].min(), m[off].mean(), m[off].max())))
     summary.add_row("bound / power-iteration estimate (max)", _fmt(result.tightness))
     summary.add_row("seconds", f"{seconds:.1f}")
     console.print(summary)
@@ -128,7 +133,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
             data.pop("estimate")
         print(json.dumps(data, allow_nan=True))
         return 0
-    print_bound(result, Console(), args.model, seconds, show_nodes=not args.quiet)
+    print_bound(result, Console(width=max(Console().width, 110)), args.model, seconds, show_nodes=not args.quiet)
     return 0
 
 
@@ -143,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import certify_fx.models  # noqa: F401
 
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     torch.manual_seed(args.seed)
     model = timm.create_model("liresnet_l6w64", num_classes=10, img_size=32).eval()
     console.print("[bold]certify-fx demo[/]: a LiResNet (6 blocks, width 64) on 3x32x32 inputs, random weights")

@@ -1,8 +1,8 @@
 """Operator norms (power iteration, sound FFT/SVD bounds) and the graph bound compiler."""
 
 from .compiler import BoundCompiler, LipschitzBound, NodeBound, bound
-from .norms import NormBound, conv2d_norm_bound, dense_norm_bound, power_iteration
-from .power_iteration import PowerIteration
+from .norms import NormBound, conv2d_norm_bound, dense_norm_bound
+from .power_iteration import PowerIteration, power_iteration
 from .rules import register_function_rule, register_module_rule
 
 __all__ = [

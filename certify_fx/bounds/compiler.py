@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import UnsupportedNodeError
 from ..tracing import example_input, trace
-from .norms import SAFETY, NormBound, power_iteration
+from .norms import SAFETY, NormBound
+from .power_iteration import power_iteration
 from .operators import Compose, Dense, Identity, LinearOperator, compose, has_exact_bound, materialized_bound
 
 __all__ = ["Tracked", "NodeBound", "LipschitzBound", "BoundCompiler", "bound"]
@@ -130,6 +131,10 @@ def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
     return name
 
 
+def _float(value: Any) -> float:
+    return float(value.detach().max()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def _has_tracked(obj: Any) -> bool:
     if isinstance(obj, Tracked):
         return True
@@ -226,8 +231,8 @@ class Evaluator(fx.Interpreter):
             self.rows.append(NodeBound(
                 name, "; ".join(descriptions), "linear",
                 factors[0][0].bound if single else math.nan,
-                float(factors[0][0].estimate) if single else math.nan,
-                total.bound, float(total.estimate), "+".join(sorted(m for m in methods if m)) or "exact", total.sound,
+                _float(factors[0][0].estimate) if single else math.nan,
+                total.bound, _float(total.estimate), "+".join(sorted(m for m in methods if m)) or "exact", total.sound,
             ))
         self._consumed[name] = total
         return total
@@ -239,7 +244,7 @@ class Evaluator(fx.Interpreter):
         lip = _Lip(constant * inner.bound, constant * inner.estimate, inner.sound)
         self.lipschitz[node.name] = lip
         self.rows.append(NodeBound(node.name, what or _target_name(node, self.module), "activation", constant, constant,
-                                   lip.bound, float(lip.estimate), "exact", inner.sound))
+                                   lip.bound, _float(lip.estimate), "exact", inner.sound))
         shape = self.shape()
         return Tracked(shape, {node.name: Identity(shape)})
 
@@ -323,9 +328,9 @@ class Evaluator(fx.Interpreter):
             estimate = term if estimate is None else estimate + term
             penultimate += rest.bound * lip.bound
             sound = sound and rest.sound and lip.sound
-            self.rows.append(NodeBound("output", rest_name, "output", float(rest.bound), float(rest.estimate),
-                                       float(gram_bound.max()) * rest.bound * lip.bound,
-                                       float(torch.as_tensor(term).max()), "gram", rest.sound and lip.sound))
+            self.rows.append(NodeBound("output", rest_name, "output", _float(rest.bound), _float(rest.estimate),
+                                       _float(gram_bound) * rest.bound * lip.bound, _float(term),
+                                       "gram", rest.sound and lip.sound))
         return bound, estimate, penultimate, sound
 
 

@@ -1,7 +1,7 @@
-"""Operator norms of linear layers: sound upper bounds and power-iteration estimates.
+"""Sound upper bounds on the operator norms of linear layers.
 
-Power iteration converges to ``||A||`` from below, so it is only an *estimate*. A certificate rests
-on the upper bounds here:
+Power iteration (:mod:`.power_iteration`) converges to ``||A||`` from below, so it is only an
+*estimate*. A certificate rests on the upper bounds here:
 
 * dense ``W``: the exact largest singular value, in float64, times ``1 + SAFETY``;
 * convolutions: the linear (zero-padded) convolution is a restriction of a circular convolution
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +25,6 @@ __all__ = [
     "dense_norm_bound",
     "conv2d_norm_bound",
     "conv2d_adjoint",
-    "power_iteration",
 ]
 
 # Relative slack on every computed norm; float64 SVD/FFT round-off is ~1e-13, so this is generous.
@@ -177,39 +174,3 @@ def conv2d_adjoint(
     )
     x = F.conv_transpose2d(y, weight, stride=stride, dilation=dilation, groups=groups, output_padding=output_padding)
     return F.pad(x, (-left, -right, -top, -bottom))
-
-
-def power_iteration(
-    apply: Callable[[torch.Tensor], torch.Tensor],
-    adjoint: Callable[[torch.Tensor], torch.Tensor],
-    vector: torch.Tensor,
-    steps: int = 100,
-    tol: float | None = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Estimate ``||A||`` by power iteration on ``A^T A``; an estimate from *below*, never a bound.
-
-    Args:
-        apply, adjoint: the operator and its transpose, on batched tensors.
-        vector: the starting iterate (batch of one), e.g. a persisted buffer.
-        steps: maximum number of iterations (0 just evaluates the current iterate).
-        tol: stop when the estimate changes by less than this relative amount.
-
-    Returns:
-        ``(sigma, vector)``: the estimate ``||A v||`` with gradient flowing through this one final
-        application only, and the detached, normalised iterate to persist.
-    """
-    with torch.no_grad():
-        v = vector / vector.norm().clamp_min(1e-30)
-        previous = None
-        for _ in range(steps):
-            w = adjoint(apply(v))
-            norm = w.norm()
-            if norm == 0:
-                break
-            v = w / norm
-            sigma = norm.sqrt().item()
-            if tol is not None and previous is not None and abs(sigma - previous) <= tol * sigma:
-                break
-            previous = sigma
-    v = v.detach()
-    return apply(v).norm(), v

@@ -648,6 +648,10 @@ def materialized_bound(op: LinearOperator) -> NormBound:
 
 def has_exact_bound(op: LinearOperator) -> bool:
     """True when ``upper_bound()`` is already the exact norm (no point materialising)."""
+    if isinstance(op, Compose):
+        # orthogonal reshapes/permutations on either side do not change the norm
+        others = [o for o in op.ops if not isinstance(o, (Identity, Reshape, Permute))]
+        return len(others) <= 1 and all(has_exact_bound(o) for o in others)
     if isinstance(op, (Dense, Identity, Reshape, Permute, Select, Pad, Scale, Reduce, Expand)):
         return True
-    return isinstance(op, Conv2d) and op.weight.shape[-2:] == op.stride and not any(op.padding)
+    return isinstance(op, Conv2d) and tuple(op.weight.shape[-2:]) == tuple(op.stride) and not any(op.padding)

@@ -1,14 +1,52 @@
-"""Power iteration for one Linear or Conv2d layer, with its iterate persisted as a buffer."""
+"""Power iteration: the cheap estimate of an operator norm, with iterates persisted as buffers."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .norms import NormBound, conv2d_norm_bound, dense_norm_bound, power_iteration
+from .norms import NormBound
 from .operators import Conv2d, Dense, LinearOperator
 
-__all__ = ["PowerIteration", "layer_operator"]
+__all__ = ["PowerIteration", "layer_operator", "power_iteration"]
+
+
+def power_iteration(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    adjoint: Callable[[torch.Tensor], torch.Tensor],
+    vector: torch.Tensor,
+    steps: int = 100,
+    tol: float | None = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimate ``||A||`` by power iteration on ``A^T A``; an estimate from *below*, never a bound.
+
+    Args:
+        apply, adjoint: the operator and its transpose, on batched tensors.
+        vector: the starting iterate (batch of one), e.g. a persisted buffer.
+        steps: maximum number of iterations (0 just evaluates the current iterate).
+        tol: stop when the estimate changes by less than this relative amount.
+
+    Returns:
+        ``(sigma, vector)``: the estimate ``||A v||`` with gradient flowing through this one final
+        application only, and the detached, normalised iterate to persist.
+    """
+    with torch.no_grad():
+        v = vector / vector.norm().clamp_min(1e-30)
+        previous = None
+        for _ in range(steps):
+            w = adjoint(apply(v))
+            norm = w.norm()
+            if norm == 0:
+                break
+            v = w / norm
+            sigma = norm.sqrt().item()
+            if tol is not None and previous is not None and abs(sigma - previous) <= tol * sigma:
+                break
+            previous = sigma
+    v = v.detach()
+    return apply(v).norm(), v
 
 
 def layer_operator(layer: nn.Module, input_shape: tuple[int, ...]) -> LinearOperator:

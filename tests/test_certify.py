@@ -1,0 +1,132 @@
+"""certify(), GloRo and VRA: formulas, ties, reuse of the bound, and attacks on certified points."""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import certify_fx as cfx
+from certify_fx.nn import LLNLinear, MinMax
+
+
+def small_net(classes=4):
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), MinMax(), nn.Conv2d(8, 8, 3, stride=2, padding=1), MinMax(),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 32), MinMax(), LLNLinear(32, classes)).eval()
+
+
+def test_radius_matches_pairwise_definition():
+    logits = torch.randn(50, 6)
+    k = torch.rand(6, 6) + 0.1
+    k = (k + k.T) / 2
+    k.fill_diagonal_(0)
+    pred, radius = cfx.certified_radius(logits, k)
+    for n in range(50):
+        j = int(logits[n].argmax())
+        expected = min(((logits[n, j] - logits[n, i]) / k[j, i]).item() for i in range(6) if i != j)
+        assert pred[n] == j and radius[n].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ties_never_certify():
+    # two classes with identical weights: equal logits everywhere and K = 0 between them
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[1].weight[1] = model[1].weight[0]
+        model[1].bias[1] = model[1].bias[0]
+        model[1].weight[2] = -10 * model[1].weight[0].abs() - 1
+        model[1].bias[2] = -100.0
+    result = cfx.bound(model, (1, 2, 2))
+    assert result.margin[0, 1] == 0
+    x = torch.rand(16, 1, 2, 2)
+    cert = cfx.certify(model, x, eps=1e-6, bound=result)
+    assert not cert.certified.any() and (cert.radius == 0).all()
+    # equal logits with nonzero K do not certify either, at any eps > 0
+    pred, radius = cfx.certified_radius(torch.zeros(5, 3), torch.ones(3, 3) - torch.eye(3))
+    assert (radius == 0).all()
+
+
+def test_certify_reuses_a_precomputed_bound(monkeypatch):
+    model = small_net()
+    result = cfx.bound(model, (1, 8, 8))
+    x = torch.rand(32, 1, 8, 8)
+    monkeypatch.setattr(sys.modules["certify_fx.certify"], "BoundCompiler",
+                        lambda *a, **k: pytest.fail("bound recomputed"))
+    cert = cfx.certify(model, x, eps=0.01, bound=result)
+    assert cert.pred.shape == (32,) and cert.sound
+
+
+def test_unsound_bound_is_refused():
+    model = small_net()
+    result = dataclasses.replace(cfx.bound(model, (1, 8, 8)), sound=False)
+    with pytest.raises(ValueError, match="not proven"):
+        cfx.certify(model, torch.rand(2, 1, 8, 8), eps=0.1, bound=result)
+    cert = cfx.certify(model, torch.rand(2, 1, 8, 8), eps=0.1, bound=result, use_estimate=True)
+    assert not cert.sound
+
+
+def pgd_l2(model, x, pred, eps, steps=40):
+    """Untargeted l2 PGD maximising the best wrong-class margin within the eps-ball."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        out = model(x + delta)
+        own = out.gather(1, pred[:, None])[:, 0]
+        other = out.scatter(1, pred[:, None], -torch.inf).amax(1)
+        (g,) = torch.autograd.grad((other - own).sum(), delta)
+        with torch.no_grad():
+            delta += 2.5 * eps / steps * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta *= torch.clamp(eps / norm, max=1.0)
+    return model(x + delta).argmax(1)
+
+
+def test_attacks_never_flip_certified_points():
+    torch.manual_seed(0)
+    model = small_net()
+    result = cfx.bound(model, (1, 8, 8))
+    x = torch.rand(256, 1, 8, 8)
+    radius = cfx.certify(model, x, eps=0.0, bound=result).radius
+    eps = radius.quantile(0.5).item()
+    cert = cfx.certify(model, x, eps=eps, bound=result)
+    assert 0 < int(cert.certified.sum()) < 256
+    robust = cert.certified
+    attacked = pgd_l2(model, x[robust], cert.pred[robust], eps)
+    assert torch.equal(attacked, cert.pred[robust])
+    # and the attack is strong enough to flip some points at twice their certified radius
+    weak = ~robust
+    flipped = pgd_l2(model, x[weak], cert.pred[weak], 4 * eps) != cert.pred[weak]
+    assert flipped.any()
+
+
+def test_gloro_outputs_bottom_logit_and_predicts_abstain():
+    model = small_net(classes=5)
+    gloro = cfx.GloRo(model, eps=0.05, input_shape=(1, 8, 8)).eval()
+    x = torch.rand(64, 1, 8, 8)
+    out = gloro(x)
+    assert out.shape == (64, 6)
+    k = gloro.lipschitz_bound().margin
+    logits = model(x)
+    j = logits.argmax(1)
+    expected = torch.stack([max(logits[n, i] + 0.05 * k[j[n], i] for i in range(5) if i != j[n]) for n in range(64)])
+    torch.testing.assert_close(out[:, 5], expected)
+    cert = cfx.certify(model, x, eps=0.05, bound=gloro.lipschitz_bound())
+    pred = gloro.predict(x)
+    assert torch.equal(pred == 5, ~cert.certified)
+    assert torch.equal(pred[cert.certified], cert.pred[cert.certified])
+
+
+def test_gloro_training_mode_gives_gradients_to_the_bound():
+    model = small_net()
+    gloro = cfx.GloRo(model, eps=0.1, input_shape=(1, 8, 8)).train()
+    out = gloro(torch.rand(8, 1, 8, 8))
+    out[:, -1].sum().backward()  # only the bottom logit: its gradient includes dK/dW
+    head = model[-1].weight.grad
+    assert head is not None and head.abs().sum() > 0
+
+
+def test_verified_robust_accuracy_helper():
+    model = small_net()
+    data = [(torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))) for _ in range(3)]
+    result = cfx.verified_robust_accuracy(model, data, eps=[0.0, 0.01, 10.0])
+    assert 0 <= result["vra"][10.0] <= result["vra"][0.01] <= result["vra"][0.0] <= result["clean_accuracy"] <= 1
+    assert result["vra"][10.0] == 0.0

@@ -1,0 +1,57 @@
+"""The certify-fx command line, run as a user would (a fresh process)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "certify_fx", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr + proc.stdout)
+    return proc
+
+
+def test_help_teaches():
+    out = run("--help").stdout
+    assert "bound" in out and "examples:" in out
+    out = run("bound", "--help").stdout
+    assert "--input-size" in out and "K[i, j]" in out
+
+
+def test_bound_timm_name_json():
+    data = json.loads(run("bound", "liresnet_l4w32", "--num-classes", "10", "--input-size", "3,32,32",
+                          "--json").stdout)
+    assert data["sound"] and data["num_classes"] == 10
+    assert len(data["margin"]) == 10 and data["margin"][0][0] == 0
+    assert any(row["kind"] == "activation" for row in data["nodes"])
+
+
+def test_bound_file_module_prints_tables(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent("""
+        import torch.nn as nn
+        import torch.nn.functional as F
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 4, 3, padding=1)
+                self.fc = nn.Linear(4 * 6 * 6, 3)
+
+            def forward(self, x):
+                return self.fc(F.relu(self.conv(x)).flatten(1))
+    """))
+    out = run("bound", f"{path}:Net", "--input-size", "1,6,6").stdout
+    assert "margin Lipschitz constants" in out and "relu" in out
+
+
+def test_bound_errors_are_one_clear_line():
+    proc = run("bound", "vit_tiny_patch16_224", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: node 'layer_norm'") and "Traceback" not in proc.stderr
+    proc = run("bound", "not_a_model_name_at_all", check=False)
+    assert proc.returncode != 0 and "neither a timm model name" in proc.stderr

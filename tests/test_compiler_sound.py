@@ -1,0 +1,180 @@
+"""Soundness: on nonlinear nets the bound is never below what gradient ascent can find."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import certify_fx as cfx
+from certify_fx.errors import NotLipschitzError, UnsupportedNodeError
+from certify_fx.nn import GroupSort, LiResNetBlock, MinMax
+
+
+class ResidualNet(nn.Module):
+    """Residual adds, a strided block with a 1x1 shortcut, overlapping max-pooling, functional ops."""
+
+    def __init__(self, act: str = "relu", c: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.act = {"relu": F.relu, "minmax": MinMax(), "groupsort": GroupSort(4), "gelu": F.gelu}[act]
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.short = nn.Conv2d(c, 2 * c, 1, stride=2)
+        self.bn = nn.BatchNorm2d(2 * c)
+        self.fc = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.stem(x)))
+        x = self.act(x + self.conv2(self.act(self.conv1(x))))
+        x = self.act(self.bn(self.down(x) + self.short(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _scale_weights(model, factor):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.3, 2.0)
+                m.running_mean.normal_()
+
+
+def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
+    """Largest ||grad (f_i - f_j)|| and secant slope gradient ascent finds (a lower bound)."""
+    best = 0.0
+    for r in range(restarts):
+        x = torch.randn(8, *shape, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([x], lr=0.05)
+        for _ in range(steps):
+            out = model(x)
+            (g,) = torch.autograd.grad((out[:, i] - out[:, j]).sum(), x, create_graph=True)
+            norms = g.flatten(1).norm(dim=1)
+            best = max(best, norms.max().item())
+            opt.zero_grad()
+            (-norms.sum()).backward()
+            opt.step()
+        # secant slopes along random short segments
+        with torch.no_grad():
+            d = torch.randn_like(x) * 1e-2
+            a, b = model(x), model(x + d)
+            slope = ((a[:, i] - a[:, j]) - (b[:, i] - b[:, j])).abs() / d.flatten(1).norm(dim=1)
+            best = max(best, slope.max().item())
+    return best
+
+
+@pytest.mark.parametrize("act", ["relu", "minmax", "groupsort", "gelu"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bound_dominates_gradient_ascent(act, seed):
+    torch.manual_seed(seed)
+    model = ResidualNet(act).eval()
+    _scale_weights(model, 1.5)
+    shape = (3, 8, 8)
+    result = cfx.bound(model, shape)
+    assert result.sound
+    model = model.double()
+    for i, j in [(0, 1), (2, 4), (3, 0)]:
+        found = empirical_margin_lipschitz(model, shape, i, j)
+        assert result.margin[i, j].item() >= found * (1 - 1e-6), (i, j, result.margin[i, j].item(), found)
+        assert result.margin[i, j] == result.margin[j, i]
+
+
+def test_liresnet_stack_bound_dominates_ascent():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), MinMax(), LiResNetBlock(8, 3), MinMax(),
+                          LiResNetBlock(8, 3), MinMax(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(32, 4)).eval()
+    result = cfx.bound(model, (3, 8, 8))
+    found = empirical_margin_lipschitz(model.double(), (3, 8, 8), 0, 1)
+    assert result.margin[0, 1] >= found
+
+
+def test_estimate_never_exceeds_bound():
+    model = ResidualNet("relu").eval()
+    result = cfx.bound(model, (3, 8, 8), materialize_limit=0)
+    assert (result.estimate <= result.margin * (1 + 1e-5) + 1e-6).all()
+    assert result.tightness >= 1 - 1e-5
+
+
+class Cosine(nn.Module):
+    def forward(self, x):
+        return torch.cos(x).flatten(1)
+
+
+class PixelShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.PixelShuffle(2)
+
+    def forward(self, x):
+        return self.up(x).flatten(1)
+
+
+@pytest.mark.parametrize("model,fragment", [(Cosine(), "cos"), (PixelShuffleNet(), "PixelShuffle")])
+def test_unknown_ops_raise_instead_of_counting_as_one(model, fragment):
+    with pytest.raises(UnsupportedNodeError) as info:
+        cfx.bound(model, (4, 2, 2))
+    assert fragment in str(info.value) and "node '" in str(info.value)
+
+
+class Gate(nn.Module):
+    """A squeeze-excitation style gate: a product of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return (x * torch.sigmoid(self.conv(x.mean((2, 3), keepdim=True)))).flatten(1)
+
+
+class TrainBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(x).flatten(1)
+
+
+class LN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(x.flatten(2).transpose(1, 2)).flatten(1)
+
+
+@pytest.mark.parametrize("model,node", [(Gate(), "mul"), (TrainBN().train(), "bn"), (LN(), "norm")])
+def test_non_lipschitz_nodes_name_node_and_fix(model, node):
+    with pytest.raises(NotLipschitzError) as info:
+        cfx.bound(model, (4, 3, 3))
+    message = str(info.value)
+    assert f"node '{node}" in message and "Fix:" in message
+    assert "While executing" not in message
+
+
+def test_timm_resnet18_bounds_soundly():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    result = cfx.bound(model, (3, 64, 64), estimate_steps=5)
+    assert result.sound and result.margin.shape == (10, 10)
+    assert torch.isfinite(result.margin).all() and (result.margin[~torch.eye(10, dtype=bool)] > 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_timm_resnets_at_224(name):
+    timm = pytest.importorskip("timm")
+    result = cfx.bound(timm.create_model(name, pretrained=False).eval(), (3, 224, 224), estimate_steps=0)
+    assert result.sound and result.margin.shape == (1000, 1000)
+
+
+def test_vit_raises_clear_error():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    with pytest.raises(NotLipschitzError) as info:
+        cfx.bound(model, (3, 224, 224))
+    message = str(info.value)
+    assert "blocks.0.norm1" in message and "remove_normalization" in message
