@@ -148,16 +148,20 @@ class LN(nn.Module):
 
 @pytest.mark.parametrize("model,node", [(Gate(), "mul"), (TrainBN().train(), "bn"), (LN(), "norm")])
 def test_non_lipschitz_nodes_name_node_and_fix(model, node):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NotLipschitzError) as info:
         cfx.bound(model, (4, 3, 3))
+    for key, value in model.state_dict().items():  # bounding never changes the model
+        assert torch.equal(value, state[key]), key
     message = str(info.value)
     assert f"node '{node}" in message and "Fix:" in message
     assert "While executing" not in message
 
 
-def test_timm_resnet18_bounds_soundly():
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_timm_resnets_bound_soundly(name):
     timm = pytest.importorskip("timm")
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     result = cfx.bound(model, (3, 64, 64), estimate_steps=5)
     assert result.sound and result.margin.shape == (10, 10)
     assert torch.isfinite(result.margin).all() and (result.margin[~torch.eye(10, dtype=bool)] > 0).all()

@@ -364,8 +364,15 @@ class BoundCompiler(nn.Module):
         params = next(iter(model.parameters()), None)
         dtype = params.dtype if params is not None else torch.float32
         device = params.device if params is not None else "cpu"
-        with torch.no_grad():
-            recorder.run(example_input(self.input_shape, _EXAMPLE_BATCH, dtype, device))
+        # Recording runs the model once; keep its buffers (BatchNorm running stats) untouched.
+        saved = [b.detach().clone() for b in self.graph_module.buffers()]
+        try:
+            with torch.no_grad():
+                recorder.run(example_input(self.input_shape, _EXAMPLE_BATCH, dtype, device))
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(self.graph_module.buffers(), saved):
+                    buffer.copy_(value)
         self._shapes, self._values = recorder.shapes, recorder.values
         self._iterates: dict[str, torch.Tensor] = {}
 
