@@ -130,3 +130,17 @@ def test_verified_robust_accuracy_helper():
     result = cfx.verified_robust_accuracy(model, data, eps=[0.0, 0.01, 10.0])
     assert 0 <= result["vra"][10.0] <= result["vra"][0.01] <= result["vra"][0.0] <= result["clean_accuracy"] <= 1
     assert result["vra"][10.0] == 0.0
+
+
+def test_gloro_keeps_power_iteration_state_in_its_state_dict():
+    model = small_net()
+    gloro = cfx.GloRo(model, eps=0.1, input_shape=(1, 8, 8)).train()
+    iterates = {k: v for k, v in gloro.state_dict().items() if "iterate" in k}
+    assert iterates, "iterates are allocated from the traced shapes before the first step"
+    before = {k: v.clone() for k, v in iterates.items()}
+    gloro(torch.rand(4, 1, 8, 8))
+    after = {k: v for k, v in gloro.state_dict().items() if "iterate" in k}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # model parameters are stored once, not again through the compiler's traced copy
+    assert sum(k.startswith("model.") for k in gloro.state_dict()) == len(model.state_dict())
+    assert len(gloro.state_dict()) == len(model.state_dict()) + len(iterates)

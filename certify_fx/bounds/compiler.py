@@ -344,22 +344,24 @@ def _pairwise_distances(rows: torch.Tensor) -> torch.Tensor:
 class BoundCompiler(nn.Module):
     """A model traced once, whose margin Lipschitz bound can be re-evaluated as weights change.
 
-    Holds the power-iteration iterates (as buffers) so that training can take one step per
-    forward (:meth:`estimate`), while :meth:`sound_bound` gives the proven bound for certification.
+    Holds the power-iteration iterates as buffers, allocated from the traced shapes, so that
+    training can take one step per forward (:meth:`estimate`) and a checkpoint keeps them;
+    :meth:`sound_bound` gives the proven bound for certification. The traced model is not a
+    submodule (its parameters are the model's), so ``state_dict`` holds only the iterates.
 
     Args:
         model: the classifier (eval mode for BatchNorm).
         input_shape: shape of one input, without batch (e.g. ``(3, 32, 32)``).
         materialize_limit: composite or FFT-bounded operators with at most this many input and
-            output entries are materialised and their norm computed exactly (a 4096-entry
-            operator takes about 5 s); 0 disables it.
+            output entries are materialised and their norm computed exactly (a 2048-entry
+            operator takes about 1 s); 0 disables it.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], materialize_limit: int = 4096) -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], materialize_limit: int = 2048) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.materialize_limit = materialize_limit
-        self.graph_module = trace(model)
+        self.__dict__["graph_module"] = trace(model)  # not a submodule: see the class docstring
         recorder = _Recorder(self.graph_module)
         params = next(iter(model.parameters()), None)
         dtype = params.dtype if params is not None else torch.float32
@@ -374,7 +376,9 @@ class BoundCompiler(nn.Module):
                 for buffer, value in zip(self.graph_module.buffers(), saved):
                     buffer.copy_(value)
         self._shapes, self._values = recorder.shapes, recorder.values
-        self._iterates: dict[str, torch.Tensor] = {}
+        self._iterate_names: dict[str, str] = {}
+        with torch.no_grad():
+            self.estimate(steps=0)  # discovers every operator and allocates its iterate
 
     # -- norms -----------------------------------------------------------------------------
     def _materialize(self, op: LinearOperator) -> bool:
@@ -390,16 +394,24 @@ class BoundCompiler(nn.Module):
 
         return norm
 
-    def _estimate(self, op: LinearOperator, key: str, steps: int, tol: float | None, persist: bool) -> torch.Tensor:
-        vector = self._iterates.get(key)
-        if vector is None or vector.shape[1:] != op.in_shape:
+    def _iterate(self, key: str, shape: Shape) -> torch.Tensor:
+        name = self._iterate_names.get(key)
+        if name is None:
+            like = next(self.graph_module.parameters(), None)
             generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-            vector = torch.randn(1, *op.in_shape, generator=generator)
-        like = next((t for t in self.graph_module.parameters()), vector)
-        vector = vector.to(dtype=like.dtype, device=like.device)
-        sigma, vector = power_iteration(op.apply, op.adjoint, vector, steps, tol)
+            vector = torch.randn(1, *shape, generator=generator)
+            if like is not None:
+                vector = vector.to(dtype=like.dtype, device=like.device)
+            name = f"iterate_{len(self._iterate_names)}"
+            self.register_buffer(name, vector / vector.norm())
+            self._iterate_names[key] = name
+        return getattr(self, name)
+
+    def _estimate(self, op: LinearOperator, key: str, steps: int, tol: float | None, persist: bool) -> torch.Tensor:
+        vector = self._iterate(key, op.in_shape)
+        sigma, updated = power_iteration(op.apply, op.adjoint, vector, steps, tol)
         if persist:
-            self._iterates[key] = vector
+            vector.copy_(updated)
         return sigma
 
     def _margin_fn(self, sound: bool, norm: Callable[[LinearOperator, str], _Lip]):
@@ -459,7 +471,7 @@ class BoundCompiler(nn.Module):
 
 
 def bound(model: nn.Module, input_shape: tuple[int, ...], estimate_steps: int = 100,
-          materialize_limit: int = 4096) -> LipschitzBound:
+          materialize_limit: int = 2048) -> LipschitzBound:
     """Sound per-margin Lipschitz constants of ``model`` on inputs of ``input_shape``.
 
     Args:
