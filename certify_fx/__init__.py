@@ -1,6 +1,7 @@
 """certify-fx: deterministic l2 robustness certification for real architectures.
 
 >>> import certify_fx as cfx
+>>> model = cfx.convert(timm_resnet.eval(), to="liresnet", input_shape=(3, 224, 224))
 >>> b = cfx.bound(model.eval(), (3, 32, 32))      # margin Lipschitz constants K[i, j]
 >>> cert = cfx.certify(model, x, eps=36 / 255, bound=b)
 >>> cert.certified, cert.radius
@@ -9,6 +10,7 @@
 from .bounds import BoundCompiler, LipschitzBound, NodeBound, bound, register_function_rule, register_module_rule
 from .certify import Certificate, GloRo, bottom_logit, certified_radius, certify, verified_robust_accuracy
 from .errors import CertifyFxError, NotLipschitzError, TraceError, UnsupportedNodeError
+from .transforms import Rewrite, convert, load_converted, save_converted
 
 __version__ = "0.1.0"
 
@@ -20,13 +22,17 @@ __all__ = [
     "LipschitzBound",
     "NodeBound",
     "NotLipschitzError",
+    "Rewrite",
     "TraceError",
     "UnsupportedNodeError",
     "bottom_logit",
     "bound",
     "certified_radius",
     "certify",
+    "convert",
+    "load_converted",
     "register_function_rule",
     "register_module_rule",
+    "save_converted",
     "verified_robust_accuracy",
 ]

@@ -17,6 +17,8 @@ from typing import Sequence
 
 EXAMPLES = """\
 examples:
+  certify-fx convert resnet50 --to liresnet -o r50.pt   rewrite a timm ResNet into a LiResNet
+  certify-fx bound r50.pt                           bound a converted model saved by convert
   certify-fx bound resnet18                         timm model, random weights, eval mode
   certify-fx bound liresnet_l12w64 --num-classes 10 --input-size 3,32,32
   certify-fx bound mypkg.models:build_model --json  a module path 'module:attribute'
@@ -35,12 +37,31 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_model(spec: str, num_classes: int | None = None):
-    """A model from a timm name (``pretrained=False``), ``module:attr`` or ``file.py:attr``."""
+def model_source(spec: str, num_classes: int | None) -> dict:
+    """How :func:`certify_fx.load_converted` can rebuild the model named on the command line."""
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    if ":" in spec:
+        target, attr = spec.rsplit(":", 1)
+        if target.endswith(".py"):
+            target = Path(target).stem
+        return {"kind": "module", "spec": f"{target}:{attr}", "kwargs": kwargs}
+    return {"kind": "timm", "name": spec, "kwargs": kwargs}
+
+
+def load_model(spec: str, num_classes: int | None = None, trust_source: bool = False):
+    """A model from a timm name (``pretrained=False``), ``module:attr``, ``file.py:attr``, or a
+    ``.pt`` file written by ``certify-fx convert``."""
     import timm
     import torch.nn as nn
 
+    import certify_fx as cfx
     import certify_fx.models  # noqa: F401  (registers the LiResNet family with timm)
+
+    if spec.endswith(".pt") or Path(spec).is_file():
+        try:
+            return cfx.load_converted(spec, trust_source=trust_source)
+        except cfx.CertifyFxError as exc:
+            raise SystemExit(f"error: {exc}") from None
 
     if ":" in spec:
         target, attr = spec.rsplit(":", 1)
@@ -74,6 +95,8 @@ def load_model(spec: str, num_classes: int | None = None):
 def _input_shape(model, given: tuple[int, ...] | None) -> tuple[int, ...]:
     if given:
         return given
+    if getattr(model, "input_shape", None):
+        return tuple(model.input_shape)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(cfg["input_size"])
@@ -117,11 +140,11 @@ def cmd_bound(args: argparse.Namespace) -> int:
 
     import certify_fx as cfx
 
-    model = load_model(args.model, args.num_classes).eval()
+    model = load_model(args.model, args.num_classes, args.trust_source).eval()
     shape = _input_shape(model, args.input_size)
     start = time.perf_counter()
     try:
-        result = cfx.bound(model, shape, estimate_steps=args.estimate_steps)
+        result = _bound_with_status(cfx, model, shape, args.estimate_steps, quiet=args.json)
     except cfx.CertifyFxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -134,6 +157,51 @@ def cmd_bound(args: argparse.Namespace) -> int:
         print(json.dumps(data, allow_nan=True))
         return 0
     print_bound(result, Console(width=max(Console().width, 110)), args.model, seconds, show_nodes=not args.quiet)
+    return 0
+
+
+def _bound_with_status(cfx, model, shape, estimate_steps: int, quiet: bool = False):
+    """``cfx.bound`` with a spinner on stderr (wide models take minutes on a CPU)."""
+    from rich.console import Console
+
+    if quiet:
+        return cfx.bound(model, shape, estimate_steps=estimate_steps)
+    with Console(stderr=True).status(f"bounding {type(model).__name__} on {shape} ..."):
+        return cfx.bound(model, shape, estimate_steps=estimate_steps)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a model, print the rewrite log, parameter counts and the bound, and save it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import certify_fx as cfx
+
+    console = Console(width=max(Console().width, 110))
+    model = load_model(args.model, args.num_classes).eval()
+    shape = _input_shape(model, args.input_size)
+    try:
+        with Console(stderr=True).status(f"converting {args.model} to {args.to} ..."):
+            converted = cfx.convert(model, to=args.to, input_shape=shape, activation=args.activation,
+                                    max_pool=args.max_pool)
+    except (cfx.CertifyFxError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = Table(title=f"rewrite log: {args.model} -> {args.to}")
+    for col in ("pass", "node", "before", "after", "exact"):
+        table.add_column(col, overflow="fold")
+    for r in converted.rewrite_log:
+        table.add_row(r.pass_name, r.node, r.before, r.after, "no" if r.changes_function else "yes")
+    console.print(table)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    console.print(f"parameters: {count(model):,} -> {count(converted):,}")
+    if args.output:
+        cfx.save_converted(converted, args.output, model_source(args.model, args.num_classes))
+        console.print(f"saved to {args.output} (reload: certify_fx.load_converted, or certify-fx bound {args.output})")
+    if not args.no_bound:
+        start = time.perf_counter()
+        result = _bound_with_status(cfx, converted, shape, args.estimate_steps)
+        print_bound(result, console, f"{args.model} ({args.to})", time.perf_counter() - start, show_nodes=False)
     return 0
 
 
@@ -201,7 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--full", action="store_true", help="with --json, include the estimate matrix")
     p.add_argument("--quiet", action="store_true", help="print only the summary table")
+    p.add_argument("--trust-source", action="store_true",
+                   help="allow a converted .pt file made from Python code to import that code")
     p.set_defaults(func=cmd_bound)
+
+    c = sub.add_parser(
+        "convert",
+        help="rewrite a model into a certifiable one (LiResNet, Lipschitz ViT)",
+        description=(
+            "Trace MODEL with torch.fx and run the conversion passes: fold BatchNorm, make residual "
+            "branches linear (LiResNet blocks), swap activations for MinMax, attention for spatial-MLP "
+            "token mixing, LayerNorm for Affine. Prints the rewrite log, parameter counts and the "
+            "resulting bound; -o saves a file that `certify-fx bound` and certify_fx.load_converted read "
+            "without running code from it."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("model", help="a timm model name (random weights), 'module:attr' or 'file.py:attr'")
+    c.add_argument("--to", choices=["liresnet", "lipschitz-vit", "lipschitz"], default="liresnet",
+                   help="target family (default liresnet; use lipschitz-vit for ViTs)")
+    c.add_argument("--input-size", type=_shape, default=None, metavar="C,H,W",
+                   help="input shape without batch (default: the model's config)")
+    c.add_argument("--num-classes", type=int, default=None, help="number of classes (timm models)")
+    c.add_argument("--activation", choices=["minmax", "groupsort"], default="minmax")
+    c.add_argument("--max-pool", choices=["keep", "conv"], default="keep",
+                   help="overlapping max-pools: keep (bounded by sqrt of overlap) or replace by a strided conv")
+    c.add_argument("-o", "--output", default=None, help="save the converted model here (.pt)")
+    c.add_argument("--no-bound", action="store_true", help="skip computing the bound (it can take minutes)")
+    c.add_argument("--estimate-steps", type=int, default=0, help="power-iteration steps for the estimate")
+    c.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("demo", help="bound and certify a small LiResNet (the default main job)",
                        description=cmd_demo.__doc__)

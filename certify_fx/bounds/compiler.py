@@ -180,7 +180,8 @@ class Evaluator(fx.Interpreter):
     """
 
     def __init__(self, gm: fx.GraphModule, shapes: dict[str, Shape], values: dict[str, Any],
-                 norm: Callable[[LinearOperator, str], _Lip], margin: Callable[[LinearOperator, str], tuple]) -> None:
+                 norm: Callable[[LinearOperator, str], _Lip], margin: Callable[[LinearOperator, str], tuple],
+                 logits: bool = True) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.extra_traceback = False  # our errors already name the node
         self.shapes, self.values = shapes, values
@@ -190,6 +191,7 @@ class Evaluator(fx.Interpreter):
         self._consumed: dict[str, _Lip] = {}
         self.node: fx.Node | None = None
         self.output_margin: tuple | None = None
+        self.logits = logits
         param = next(iter(gm.parameters()), None)
         self.dtype = param.dtype if param is not None else torch.get_default_dtype()
 
@@ -310,6 +312,8 @@ class Evaluator(fx.Interpreter):
         (result,) = args
         if not isinstance(result, Tracked):
             self.fail("the model output must be one tensor of logits that depends on the input")
+        if not self.logits:
+            return result
         if len(result.shape) != 1:
             self.fail(f"expected logits of shape (batch, classes), got (batch, {', '.join(map(str, result.shape))})")
         self.output_margin = self._margin_of(result)
@@ -362,20 +366,7 @@ class BoundCompiler(nn.Module):
         self.input_shape = tuple(input_shape)
         self.materialize_limit = materialize_limit
         self.__dict__["graph_module"] = trace(model)  # not a submodule: see the class docstring
-        recorder = _Recorder(self.graph_module)
-        params = next(iter(model.parameters()), None)
-        dtype = params.dtype if params is not None else torch.float32
-        device = params.device if params is not None else "cpu"
-        # Recording runs the model once; keep its buffers (BatchNorm running stats) untouched.
-        saved = [b.detach().clone() for b in self.graph_module.buffers()]
-        try:
-            with torch.no_grad():
-                recorder.run(example_input(self.input_shape, _EXAMPLE_BATCH, dtype, device))
-        finally:
-            with torch.no_grad():
-                for buffer, value in zip(self.graph_module.buffers(), saved):
-                    buffer.copy_(value)
-        self._shapes, self._values = recorder.shapes, recorder.values
+        self._shapes, self._values = record(self.graph_module, self.input_shape)
         self._iterate_names: dict[str, str] = {}
         with torch.no_grad():
             self.estimate(steps=0)  # discovers every operator and allocates its iterate
@@ -468,6 +459,42 @@ class BoundCompiler(nn.Module):
         _, (_, estimate, _, _) = self._run(norm, self._margin_fn(False, norm))
         mask = 1 - torch.eye(estimate.shape[0], dtype=estimate.dtype, device=estimate.device)
         return estimate * mask
+
+
+def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[dict[str, Shape], dict[str, Any]]:
+    """Run ``gm`` once on an example batch (batch 2) and return per-node shapes and non-tensor values.
+
+    Buffers (BatchNorm running statistics) are restored afterwards.
+    """
+    recorder = _Recorder(gm)
+    params = next(iter(gm.parameters()), None)
+    dtype = params.dtype if params is not None else torch.float32
+    device = params.device if params is not None else "cpu"
+    saved = [b.detach().clone() for b in gm.buffers()]
+    try:
+        with torch.no_grad():
+            recorder.run(example_input(tuple(input_shape), _EXAMPLE_BATCH, dtype, device))
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(gm.buffers(), saved):
+                buffer.copy_(value)
+    return recorder.shapes, recorder.values
+
+
+def linear_form(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Tracked:
+    """The folded linear operators from ``gm``'s input to its output.
+
+    The result's ``form`` has the input placeholder as its only source exactly when the graph is
+    affine in its input; used by the folding passes of :mod:`certify_fx.transforms`.
+    """
+    shapes, values = record(gm, input_shape)
+
+    def no_norm(op: LinearOperator, key: str) -> _Lip:
+        return _Lip(math.nan, math.nan, False)
+
+    evaluator = Evaluator(gm, shapes, values, no_norm, None, logits=False)
+    with torch.no_grad():
+        return evaluator.run(torch.empty(0))
 
 
 def bound(model: nn.Module, input_shape: tuple[int, ...], estimate_steps: int = 100,

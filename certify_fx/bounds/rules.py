@@ -478,6 +478,16 @@ def _conv1d_module(ev, node, m: nn.Conv1d, args, kwargs):
     return ev.linear(y, Reshape(y.shape, ev.shape()))
 
 
+@register_module_rule(cnn.TokenMixing)
+def _token_mixing(ev, node, m: cnn.TokenMixing, args, kwargs):
+    x: Tracked = args[0]
+    if len(x.shape) != 2:
+        ev.fail("TokenMixing expects (batch, tokens, channels) inputs")
+    swap = Permute(x.shape, (1, 0))
+    mixed = ev.linear(ev.linear(x, swap), Dense((x.shape[1], x.shape[0]), m.weight))
+    return ev.linear(mixed, Permute(mixed.shape, (1, 0)))
+
+
 @register_module_rule(cnn.LiResNetBlock)
 def _liresnet_block(ev, node, m: cnn.LiResNetBlock, args, kwargs):
     k = m.conv.kernel_size[0] // 2
@@ -736,10 +746,18 @@ def _expand_rule(ev, node, args, kwargs):
     return _broadcast(ev, args[0], ev.shape())
 
 
+def _pad(ev: Evaluator, x: Tracked, pads, mode: str = "constant") -> Tracked:
+    if mode != "constant":
+        ev.fail(f"padding mode {mode!r} is not supported", "use zero (constant) padding")
+    # constant padding (and cropping, with negative pads) is linear up to a constant, norm 1
+    return ev.linear(x, Pad(x.shape, ev.shape(), tuple(int(p) for p in pads)))
+
+
 @register_function_rule(F.pad)
 def _pad_rule(ev, node, args, kwargs):
-    x, pads = args[0], _arg(args, kwargs, 1, "pad")
-    mode = _arg(args, kwargs, 2, "mode", "constant")
-    if mode != "constant" or any(p < 0 for p in pads):
-        ev.fail(f"padding mode {mode!r} (or cropping) is not supported", "use zero (constant) padding")
-    return ev.linear(x, Pad(x.shape, ev.shape(), tuple(pads)))
+    return _pad(ev, args[0], _arg(args, kwargs, 1, "pad"), _arg(args, kwargs, 2, "mode", "constant"))
+
+
+@register_module_rule(nn.ZeroPad2d, nn.ConstantPad2d, nn.ZeroPad1d, nn.ConstantPad1d)
+def _pad_module(ev, node, m, args, kwargs):
+    return _pad(ev, args[0], m.padding)

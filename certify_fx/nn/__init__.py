@@ -1,9 +1,10 @@
-"""Lipschitz layers: activations, per-channel affine, the LiResNet block and the LLN head."""
+"""Lipschitz layers: activations, per-channel affine, LiResNet block, token mixing and the LLN head."""
 
 from .activations import GroupSort, MinMax
 from .affine import Affine
 from .liresnet_block import LiResNetBlock
 from .lln import LLNLinear
 from .normalize import Normalize
+from .token_mixing import TokenMixing
 
-__all__ = ["Affine", "GroupSort", "LLNLinear", "LiResNetBlock", "MinMax", "Normalize"]
+__all__ = ["Affine", "GroupSort", "LLNLinear", "LiResNetBlock", "MinMax", "Normalize", "TokenMixing"]

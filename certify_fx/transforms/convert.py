@@ -1,0 +1,121 @@
+"""``convert``: run the pass pipeline that makes a model tightly certifiable.
+
+Pipelines (each pass a function ``GraphModule -> GraphModule`` in its own module):
+
+* ``"liresnet"``: residual CNNs become LiResNets (linear residual blocks, MinMax, no BatchNorm);
+* ``"lipschitz-vit"``: ViTs get spatial-MLP token mixing, Affine instead of LayerNorm, linear FFN
+  residuals (LiFFN) followed by MinMax;
+* ``"lipschitz"``: the minimal rewrite: exact folds, Affine normalisation, MinMax activations,
+  token mixing for attention; residual branches stay nonlinear (bounded with ``1 + ||g||``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..bounds.compiler import linear_form
+from ..errors import UnsupportedNodeError
+from ..tracing import trace
+from .attention_to_spatial_mlp import attention_to_spatial_mlp
+from .fold_batchnorm import fold_batchnorm
+from .fold_linear_chains import fold_linear_chains
+from .fold_linear_residuals import fold_linear_residuals
+from .linearize_residual_branches import linearize_residual_branches
+from .log import rewrite_log
+from .remove_normalization import remove_normalization
+from .replace_activations import replace_activations
+from .replace_max_pool import replace_max_pool
+from .split_norm_act import split_norm_act
+
+__all__ = ["convert", "PIPELINES", "TARGETS", "check_supported"]
+
+Pass = Callable[..., fx.GraphModule]
+
+PIPELINES: dict[str, list[Pass]] = {
+    "liresnet": [split_norm_act, fold_batchnorm, linearize_residual_branches, replace_activations,
+                 fold_linear_residuals, fold_linear_chains, remove_normalization, replace_max_pool],
+    "lipschitz-vit": [split_norm_act, fold_batchnorm, remove_normalization, attention_to_spatial_mlp,
+                      linearize_residual_branches, replace_activations, fold_linear_chains, fold_linear_residuals],
+    "lipschitz": [split_norm_act, fold_batchnorm, remove_normalization, attention_to_spatial_mlp,
+                  replace_activations, fold_linear_residuals, fold_linear_chains, replace_max_pool],
+}
+TARGETS = tuple(PIPELINES)
+
+# Which options go to which pass.
+_PASS_OPTIONS = {
+    replace_activations: {"activation": "to"},
+    linearize_residual_branches: {"activation": "activation"},
+    replace_max_pool: {"max_pool": "mode"},
+}
+
+
+def _input_shape(model: nn.Module, example_input: torch.Tensor | None,
+                 input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    if example_input is not None:
+        return tuple(example_input.shape[1:])
+    if input_shape is not None:
+        return tuple(input_shape)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(cfg["input_size"])
+    raise ValueError("convert needs example_input (a batch) or input_shape, e.g. (3, 224, 224)")
+
+
+def check_supported(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    """Raise UnsupportedNodeError now if the bound compiler cannot handle some node."""
+    linear_form(gm, input_shape)
+
+
+def convert(
+    model: nn.Module,
+    to: str = "liresnet",
+    example_input: torch.Tensor | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    activation: str = "minmax",
+    max_pool: str = "keep",
+    check: bool = True,
+) -> fx.GraphModule:
+    """Rewrite ``model`` into a certifiable GraphModule (a normal, trainable ``nn.Module``).
+
+    The input model is not modified (the conversion works on a copy, in eval mode) and as many of
+    its weights as possible are kept. The result carries ``rewrite_log`` (list of
+    :class:`~certify_fx.transforms.Rewrite`), ``input_shape`` and ``conversion`` (the options).
+
+    Args:
+        model: any torch.fx-traceable classifier (timm ResNets and ViTs included).
+        to: ``"liresnet"``, ``"lipschitz-vit"`` or ``"lipschitz"``.
+        example_input: a batch, to fix the input shape; or give ``input_shape``.
+        activation: ``"minmax"`` or ``"groupsort"``.
+        max_pool: ``"keep"`` overlapping max-pools (bounded by sqrt of the overlap) or ``"conv"``.
+        check: verify that :func:`certify_fx.bound` accepts the result (cheap, structural).
+
+    Raises:
+        ValueError: unknown target or options.
+        UnsupportedNodeError: a node no pass could make Lipschitz; names the node and op.
+    """
+    if to not in PIPELINES:
+        raise ValueError(f"unknown conversion target {to!r}; choose one of {', '.join(TARGETS)}")
+    shape = _input_shape(model, example_input, input_shape)
+    source = copy.deepcopy(model).eval()
+    gm = trace(source)
+    gm.eval()
+    rewrite_log(gm)
+    options = {"activation": activation, "max_pool": max_pool}
+    for pass_fn in PIPELINES[to]:
+        kwargs = {arg: options[opt] for opt, arg in _PASS_OPTIONS.get(pass_fn, {}).items()}
+        gm = pass_fn(gm, shape, **kwargs)
+    gm.input_shape = shape
+    gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "input_shape": list(shape)}
+    if check:
+        try:
+            check_supported(gm, shape)
+        except UnsupportedNodeError as exc:
+            raise UnsupportedNodeError(exc.node, exc.op, f"still not certifiable after converting to {to!r}: "
+                                       f"{exc.reason}", exc.fix) from None
+    return gm

@@ -1,0 +1,60 @@
+"""Pass: replace activations (module or functional form) by MinMax or GroupSort. Changes the function.
+
+ReLU, GELU, SiLU, LeakyReLU, Hardswish, ... are 1-Lipschitz at best and shrink gradients;
+MinMax/GroupSort are 1-Lipschitz *and* gradient-norm preserving, which GloRo training needs.
+Sorting runs over channels for (N, C, ...) tensors and over the feature dim for (N, T, D) tokens.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..nn import GroupSort, MinMax
+from .graph import add_submodule, annotate_shapes, describe, finalize, is_activation, tensor_args
+from .log import log_rewrite
+
+__all__ = ["replace_activations", "sorting_activation"]
+
+
+def sorting_activation(shape: tuple[int, ...], to: str = "minmax", group_size: int = 2) -> GroupSort | None:
+    """The MinMax/GroupSort for a tensor of ``shape`` (batch included), or None if it cannot pair."""
+    dim = -1 if len(shape) == 3 else 1
+    size = shape[dim]
+    group = 2 if to == "minmax" else group_size
+    if size % group:
+        return None
+    return MinMax(dim=dim) if to == "minmax" else GroupSort(group, dim=dim)
+
+
+def replace_activations(gm: fx.GraphModule, input_shape: tuple[int, ...], to: str = "minmax",
+                        group_size: int = 4) -> fx.GraphModule:
+    """Replace every activation node.
+
+    Args:
+        to: ``"minmax"`` (pairs) or ``"groupsort"`` (groups of ``group_size``).
+    """
+    if to not in ("minmax", "groupsort"):
+        raise ValueError(f"replace_activations: to must be 'minmax' or 'groupsort', got {to!r}")
+    annotate_shapes(gm, input_shape)
+    for node in list(gm.graph.nodes):
+        if not is_activation(gm, node):
+            continue
+        args = tensor_args(node)
+        shape = node.meta.get("shape")
+        if len(args) != 1 or shape is None:
+            continue
+        act = sorting_activation(shape, to, group_size)
+        before = describe(gm, node)
+        if act is None:
+            log_rewrite(gm, "replace_activations", node.name, before, f"kept ({shape} does not split into groups)",
+                        False)
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(add_submodule(gm, node.name + ".act", act), (args[0],))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        log_rewrite(gm, "replace_activations", node.name, before, f"{type(act).__name__}(dim={act.dim})", True)
+    finalize(gm)
+    annotate_shapes(gm, input_shape)
+    return gm

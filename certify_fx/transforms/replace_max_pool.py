@@ -1,0 +1,50 @@
+"""Pass: overlapping max-pooling, kept (bounded by sqrt of its overlap) or replaced by a strided conv.
+
+A 3x3 stride-2 max-pool multiplies the bound by 2 (each input sits in up to 4 windows); a
+learnable depthwise strided conv of the same geometry, initialised to average pooling, is linear
+and folds into its neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..bounds.constants import max_pool_constant
+from .graph import add_submodule, annotate_shapes, finalize
+from .log import log_rewrite
+
+__all__ = ["replace_max_pool"]
+
+
+def replace_max_pool(gm: fx.GraphModule, input_shape: tuple[int, ...], mode: str = "keep") -> fx.GraphModule:
+    """``mode="keep"`` leaves max-pools in place (and logs their factor); ``"conv"`` replaces them."""
+    if mode not in ("keep", "conv"):
+        raise ValueError(f"replace_max_pool: mode must be 'keep' or 'conv', got {mode!r}")
+    annotate_shapes(gm, input_shape)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MaxPool2d):
+            continue
+        pool = gm.get_submodule(node.target)
+        in_shape, out_shape = node.args[0].meta["shape"], node.meta["shape"]
+        factor = max_pool_constant(in_shape[-2:], out_shape[-2:], pool.kernel_size, pool.stride, pool.padding,
+                                   pool.dilation)
+        if mode == "keep" or factor == 1.0 or pool.ceil_mode or pool.dilation not in (1, (1, 1)):
+            log_rewrite(gm, "replace_max_pool", node.name, "MaxPool2d", f"kept (Lipschitz factor {factor:.3g})", False)
+            continue
+        channels = in_shape[1]
+        k = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+        conv = nn.Conv2d(channels, channels, pool.kernel_size, pool.stride, pool.padding, groups=channels, bias=False)
+        with torch.no_grad():
+            conv.weight.fill_(1.0 / (k * k))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(add_submodule(gm, node.name + ".conv", conv), node.args)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        log_rewrite(gm, "replace_max_pool", node.name, f"MaxPool2d (factor {factor:.3g})",
+                    f"depthwise Conv2d {k}x{k} (average-pool init)", True)
+    finalize(gm)
+    annotate_shapes(gm, input_shape)
+    return gm
