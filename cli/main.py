@@ -177,7 +177,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     import certify_fx as cfx
 
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 130))
     model = load_model(args.model, args.num_classes).eval()
     shape = _input_shape(model, args.input_size)
     try:
@@ -188,8 +188,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = Table(title=f"rewrite log: {args.model} -> {args.to}")
-    for col in ("pass", "node", "before", "after", "exact"):
-        table.add_column(col, overflow="fold")
+    table.add_column("pass", no_wrap=True, min_width=27)
+    table.add_column("node", no_wrap=True)
+    table.add_column("before", overflow="fold")
+    table.add_column("after", overflow="fold")
+    table.add_column("exact", no_wrap=True)
     for r in converted.rewrite_log:
         table.add_row(r.pass_name, r.node, r.before, r.after, "no" if r.changes_function else "yes")
     console.print(table)

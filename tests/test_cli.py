@@ -55,3 +55,33 @@ def test_bound_errors_are_one_clear_line():
     assert proc.stderr.startswith("error: node 'layer_norm'") and "Traceback" not in proc.stderr
     proc = run("bound", "not_a_model_name_at_all", check=False)
     assert proc.returncode != 0 and "neither a timm model name" in proc.stderr
+
+
+def test_convert_then_bound_from_a_fresh_process(tmp_path):
+    out = tmp_path / "r18.pt"
+    proc = run("convert", "resnet18", "--to", "liresnet", "--num-classes", "10", "--input-size", "3,32,32",
+               "-o", str(out), "--no-bound")
+    assert "linearize_residual_branches" in proc.stdout and "parameters:" in proc.stdout
+    assert out.is_file()
+    data = json.loads(run("bound", str(out), "--json", "--estimate-steps", "0").stdout)
+    assert data["sound"] and data["num_classes"] == 10 and data["input_shape"] == [3, 32, 32]
+
+
+def test_convert_reports_unsupported_models(tmp_path):
+    path = tmp_path / "gated.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+
+        class Gated(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3, padding=1)
+                self.fc = nn.Linear(4, 2)
+
+            def forward(self, x):
+                y = self.conv(x)
+                return self.fc((y * torch.sigmoid(y)).mean((2, 3)))
+    """))
+    proc = run("convert", f"{path}:Gated", "--input-size", "3,8,8", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: node 'mul'")
