@@ -19,7 +19,9 @@ from .errors import TraceError
 __all__ = ["CertifyTracer", "trace", "LEAF_MODULES"]
 
 #: certify-fx layers the compiler has exact rules for; never traced through.
-LEAF_MODULES: tuple[type[nn.Module], ...] = (cnn.GroupSort, cnn.Affine, cnn.LiResNetBlock, cnn.LLNLinear, cnn.TokenMixing)
+LEAF_MODULES: tuple[type[nn.Module], ...] = (
+    cnn.GroupSort, cnn.Affine, cnn.LiResNetBlock, cnn.LLNLinear, cnn.TokenMixing,
+)
 
 
 def _timm_notrace() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:

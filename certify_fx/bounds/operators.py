@@ -38,7 +38,6 @@ __all__ = [
     "Concat",
     "compose",
     "add",
-    "concat",
     "materialize",
     "materialized_bound",
     "has_exact_bound",
@@ -516,7 +515,9 @@ def _fold_pair(inner: LinearOperator, outer: LinearOperator) -> LinearOperator |
     if isinstance(outer, Identity):
         return inner
     if isinstance(outer, Reshape) and isinstance(inner, Reshape):
-        return Reshape(inner.in_shape, outer.out_shape) if inner.in_shape != outer.out_shape else Identity(inner.in_shape)
+        if inner.in_shape == outer.out_shape:
+            return Identity(inner.in_shape)
+        return Reshape(inner.in_shape, outer.out_shape)
     if isinstance(outer, Scale) and isinstance(inner, Scale):
         return Scale(inner.shape, inner.multiplier * outer.multiplier)
     if isinstance(outer, Scale) and isinstance(inner, Conv2d) and (vec := outer.along(0)) is not None:
@@ -623,10 +624,6 @@ def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
         mult = sum(op.multiplier if isinstance(op, Scale) else torch.ones(()) for op in scales)
         ops = [Scale(scales[0].in_shape, mult)] + [op for op in ops if op not in scales]
     return ops[0] if len(ops) == 1 else Sum(ops)
-
-
-def concat(parts: list[LinearOperator | None], in_shape: Shape, out_shape: Shape, sizes: list[int], dim: int) -> LinearOperator:
-    return Concat(in_shape, out_shape, parts, sizes, dim)
 
 
 def materialize(op: LinearOperator) -> torch.Tensor:

@@ -560,7 +560,8 @@ _add_timm_norm_act()
 def _avg_pool(ev: Evaluator, x: Tracked, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> Tracked:
     k, s, p = _pair(kernel), _pair(stride if stride else kernel), _pair(padding)
     c = x.shape[0]
-    conv = Conv2d(x.shape, torch.ones(c, 1, *k, dtype=ev.dtype) / (divisor or k[0] * k[1]), s, (p[0], p[0], p[1], p[1]), (1, 1), c)
+    weight = torch.ones(c, 1, *k, dtype=ev.dtype) / (divisor or k[0] * k[1])
+    conv = Conv2d(x.shape, weight, s, (p[0], p[0], p[1], p[1]), (1, 1), c)
     if conv.out_shape != ev.shape():
         ev.fail("average pooling with ceil_mode windows past the border is not supported", "use ceil_mode=False")
     if any(p) and not count_include_pad:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .graph import (describe_module, drop_passthrough, annotate_shapes, describe, finalize, fold_region, is_linear_unit, replace_with_modules,
-                    single_input)
+from .graph import (annotate_shapes, describe, describe_module, drop_passthrough, finalize, fold_region,
+                    is_linear_unit, replace_with_modules, single_input)
 from .log import log_rewrite
 
 __all__ = ["fold_linear_chains"]

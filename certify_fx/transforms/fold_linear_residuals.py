@@ -11,8 +11,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import (describe_module, drop_passthrough, annotate_shapes, finalize, fold_region, is_linear_unit, replace_with_modules, single_input,
-                    tensor_args)
+from .graph import (annotate_shapes, describe_module, drop_passthrough, finalize, fold_region, is_linear_unit,
+                    replace_with_modules, single_input, tensor_args)
 from .log import log_rewrite
 
 __all__ = ["fold_linear_residuals", "is_add"]

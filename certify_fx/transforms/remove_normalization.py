@@ -50,9 +50,12 @@ def _replacement(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine, bool] | Non
         bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
         if len(shape) != 1:
             return None
-        fetch = lambda a: gm.get_parameter(a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None  # noqa: E731
-        return _affine(shape[0], -1, fetch(weight), fetch(bias)), True
+        return _affine(shape[0], -1, _constant(gm, weight), _constant(gm, bias)), True
     return None
+
+
+def _constant(gm: fx.GraphModule, arg) -> torch.Tensor | None:
+    return gm.get_parameter(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
 def remove_normalization(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
