@@ -161,6 +161,10 @@ def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int) -> float:
     where it fails get exact eigenvalues too.
     """
     g, o, c, kh, kw = w.shape
+    if mh * (mw // 2 + 1) * 8 < (kh * kw) ** 2:
+        # few frequencies (small inputs): one Gram product per frequency is cheaper than the lags
+        spectrum = torch.fft.rfft2(w, s=(mh, mw)).permute(0, 3, 4, 1, 2).reshape(-1, o, c)
+        return max(_largest_singular_value(m).max().item() ** 2 for m in spectrum.split(16))
     taps = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw, o, c)
     if o > c:  # use the smaller Gram side: A^H A = sum W_t^T W_t' ...
         taps = taps.transpose(-1, -2)
