@@ -84,6 +84,7 @@ def main() -> None:
         row["family"] = family
         rows.append(row)
         console.print(f"{name}: {row['status']} ({row['seconds']} s) {row.get('why', '')}")
+        write_markdown(rows, args.out)  # after every model, so an interrupted run still leaves a table
 
     table = Table(title="timm conversion coverage")
     for col in ("family", "model", "target", "status", "sound", "max K", "s", "why not"):
@@ -92,7 +93,11 @@ def main() -> None:
         table.add_row(r["family"], r["model"], r["target"], r["status"], str(r.get("sound", "")),
                       r.get("max_k", ""), r["seconds"], r.get("why", ""))
     console.print(table)
+    write_markdown(rows, args.out)
+    console.print(f"wrote {args.out}")
 
+
+def write_markdown(rows: list[dict], out: str) -> None:
     lines = [
         "# Conversion coverage",
         "",
@@ -109,19 +114,18 @@ def main() -> None:
                      f"{r.get('sound', '')} | {r.get('max_k', '')} | {r['seconds']} | {why} |")
     lines += [
         "",
-        "What stops a family, and what would fix it:",
+        "What stops a family, and what would fix it (see the `why not` column for the exact node):",
         "",
-        "- **squeeze-excitation gates** (SE-ResNet, EfficientNet, MobileNetV3, RegNetY): `x * sigmoid(g(x))`",
-        "  multiplies two functions of the input, which is not globally Lipschitz. A future pass could",
-        "  replace the gate by a learned per-channel constant.",
-        "- **LayerNorm2d / channels-last norms** (ConvNeXt) and **relative position bias / window",
-        "  attention** (Swin), **talking heads / class attention** (CaiT): no pass rewrites them yet.",
-        "- **depthwise convs** convert (bounded per group, exactly) but ConvNeXt's blocks also hold LayerNorm.",
-        "- **dense connectivity** (DenseNet) concatenates features: bounded with `sqrt(sum K^2)` per source,",
-        "  which compounds over many layers.",
+        "- **squeeze-excitation gates** (SE-ResNet, EfficientNet, MobileNetV3): `x * sigmoid(g(x))` multiplies",
+        "  two functions of the input, which is not globally Lipschitz; a future pass could replace the gate",
+        "  by a learned per-channel constant.",
+        "- **timm leaf modules without a rule** (VGG's `ConvMlp`): register a rule or trace through them.",
+        "- **window attention** (Swin) folds windows into the batch dimension, which the compiler rejects;",
+        "  **ResMLP's Affine** uses `addcmul`, which has no rule yet; CaiT's class attention likewise.",
+        "- **dense connectivity** (DenseNet) converts, but concatenation is bounded with `sqrt(sum K^2)` per",
+        "  source, which compounds over many layers (see max K).",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    console.print(f"wrote {args.out}")
+    Path(out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
