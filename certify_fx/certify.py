@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .bounds.compiler import BoundCompiler, LipschitzBound
+from .tracing import configured_input_shape
 
 __all__ = ["Certificate", "GloRo", "bottom_logit", "certified_radius", "certify", "verified_robust_accuracy"]
 
@@ -68,9 +69,9 @@ def certified_radius(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.
 def _input_shape(model: nn.Module, x: torch.Tensor | None) -> tuple[int, ...]:
     if x is not None:
         return tuple(x.shape[1:])
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
+    shape = configured_input_shape(model)
+    if shape is not None:
+        return shape
     raise ValueError("pass input_shape (one input's shape without batch, e.g. (3, 32, 32))")
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from . import nn as cnn
 from .errors import TraceError
 
-__all__ = ["CertifyTracer", "trace", "LEAF_MODULES"]
+__all__ = ["CertifyTracer", "trace", "LEAF_MODULES", "configured_input_shape", "example_input"]
 
 #: certify-fx layers the compiler has exact rules for; never traced through.
 LEAF_MODULES: tuple[type[nn.Module], ...] = (
@@ -61,6 +61,14 @@ def trace(model: nn.Module, extra_leaves: tuple[type[nn.Module], ...] = ()) -> f
         ) from exc
     name = type(model).__name__
     return fx.GraphModule(model, graph, class_name=name)
+
+
+def configured_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The input shape a model declares: a converted model's ``input_shape`` or timm's config."""
+    if getattr(model, "input_shape", None):
+        return tuple(model.input_shape)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return tuple(cfg["input_size"]) if "input_size" in cfg else None
 
 
 def example_input(input_shape: tuple[int, ...], batch: int = 2, dtype: torch.dtype = torch.float32,

@@ -95,11 +95,11 @@ def load_model(spec: str, num_classes: int | None = None, trust_source: bool = F
 def _input_shape(model, given: tuple[int, ...] | None) -> tuple[int, ...]:
     if given:
         return given
-    if getattr(model, "input_shape", None):
-        return tuple(model.input_shape)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
+    from certify_fx.tracing import configured_input_shape
+
+    shape = configured_input_shape(model)
+    if shape is not None:
+        return shape
     raise SystemExit("error: cannot infer the input size of this model; pass --input-size C,H,W")
 
 

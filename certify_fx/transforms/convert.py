@@ -20,7 +20,7 @@ from torch import nn
 
 from ..bounds.compiler import linear_form
 from ..errors import UnsupportedNodeError
-from ..tracing import trace
+from ..tracing import configured_input_shape, trace
 from .attention_to_spatial_mlp import attention_to_spatial_mlp
 from .fold_batchnorm import fold_batchnorm
 from .fold_linear_chains import fold_linear_chains
@@ -60,9 +60,9 @@ def _input_shape(model: nn.Module, example_input: torch.Tensor | None,
         return tuple(example_input.shape[1:])
     if input_shape is not None:
         return tuple(input_shape)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
+    shape = configured_input_shape(model)
+    if shape is not None:
+        return shape
     raise ValueError("convert needs example_input (a batch) or input_shape, e.g. (3, 224, 224)")
 
 
