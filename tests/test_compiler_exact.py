@@ -97,3 +97,30 @@ def test_sum_of_parallel_branches_is_folded():
     branches = (cfx.bound(nn.Sequential(model[0].conv, nn.Flatten()), (4, 8, 8), materialize_limit=0).nodes[-1].factor
                 + cfx.bound(nn.Sequential(model[0].short, nn.Flatten()), (4, 8, 8), materialize_limit=0).nodes[-1].factor)
     assert row.factor < branches
+
+
+class _Tokens(nn.Module):
+    """Token mixing and channel projections on (batch, tokens, channels)."""
+
+    def __init__(self):
+        super().__init__()
+        from certify_fx.nn import TokenMixing
+
+        self.pad = nn.ZeroPad2d((1, -1, 2, 0))  # pads and crops
+        self.mix = TokenMixing(16)
+        self.proj = nn.Linear(3, 3)
+        self.head = nn.Linear(48, 4)
+        nn.init.normal_(self.mix.weight)
+
+    def forward(self, x):
+        x = self.pad(x).flatten(2).transpose(1, 2)  # (B, 16 tokens, 3 channels)
+        return self.head(self.proj(self.mix(x)).flatten(1))
+
+
+@pytest.mark.parametrize("limit", [2048, 0], ids=["materialised", "symbolic"])
+def test_new_ops_token_mixing_and_padding_never_below_exact(limit):
+    model = _Tokens().eval()
+    shape = (3, 2, 4)
+    result = cfx.bound(model, shape, materialize_limit=limit)
+    exact = exact_margin_norms(jacobian_rows(model, shape)).float()
+    assert result.sound and (result.margin >= exact * (1 - 1e-6) - 1e-7).all()
