@@ -6,7 +6,15 @@ Every error that concerns a graph node names the node, its operation, and the fi
 
 from __future__ import annotations
 
-__all__ = ["CertifyFxError", "TraceError", "UnsupportedNodeError", "NotLipschitzError"]
+__all__ = [
+    "CertifyFxError",
+    "CheckpointError",
+    "DatasetNotFoundError",
+    "NotLipschitzError",
+    "RecipeError",
+    "TraceError",
+    "UnsupportedNodeError",
+]
 
 
 class CertifyFxError(Exception):
@@ -33,3 +41,15 @@ class UnsupportedNodeError(CertifyFxError, ValueError):
 
 class NotLipschitzError(UnsupportedNodeError):
     """A node that is not globally Lipschitz (softmax attention, LayerNorm, training-mode BatchNorm, ...)."""
+
+
+class RecipeError(CertifyFxError, ValueError):
+    """A training recipe is malformed: an unknown key, a wrong type, an invalid value."""
+
+
+class DatasetNotFoundError(CertifyFxError, FileNotFoundError):
+    """A dataset is not on disk where it was expected (certify-fx never downloads)."""
+
+
+class CheckpointError(CertifyFxError):
+    """A checkpoint is missing, truncated, corrupt, or not a certify-fx training checkpoint."""

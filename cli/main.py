@@ -1,4 +1,4 @@
-"""``certify-fx``: bound, certify and (soon) convert and train certifiably robust models.
+"""``certify-fx``: convert, bound, train and certify certifiably robust models.
 
 The CLI is thin: it parses arguments, calls the public ``certify_fx`` API and prints with rich.
 """
@@ -24,6 +24,8 @@ examples:
   certify-fx bound mypkg.models:build_model --json  a module path 'module:attribute'
   certify-fx bound ./net.py:Net                     a Python file and a callable in it
   certify-fx demo                                   bound and certify a small LiResNet
+  certify-fx train recipes/fashion_mnist.yaml       train a LiResNet with EMMA on Fashion-MNIST
+  certify-fx certify runs/fmnist/checkpoint.pt      clean accuracy and VRA of a trained checkpoint
 """
 
 
@@ -310,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=256, help="images to certify (default 256)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    from .train import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -319,7 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    return args.func(args)
+    from certify_fx.errors import CertifyFxError
+
+    try:
+        return args.func(args)
+    except CertifyFxError as exc:  # bad input: one line naming the problem, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,1 +1,58 @@
-"""GloRo training losses: gloro_ce, trades, emma, cll."""
+"""GloRo training losses, all with one signature.
+
+``loss(logits, labels, margin, eps, **options) -> scalar``: ``logits`` (N, m), ``labels`` (N,),
+``margin`` the differentiable (m, m) margin Lipschitz matrix ``K`` (power-iteration estimate during
+training), ``eps`` the training radius. Every loss is vectorised over classes (Gram-matrix ``K``,
+gathers and scatters; no Python loop over classes) and selects classes by *index*.
+
+>>> from certify_fx.losses import create_loss
+>>> loss_fn = create_loss("emma")
+>>> loss = loss_fn(logits, y, margin, eps=36 / 255)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .cll import calibrated_sigma, cll
+from .cross_entropy import cross_entropy
+from .emma import emma
+from .gloro import gloro_ce, gloro_logits, trades
+
+__all__ = [
+    "LOSSES",
+    "Loss",
+    "calibrated_sigma",
+    "cll",
+    "create_loss",
+    "cross_entropy",
+    "emma",
+    "gloro_ce",
+    "gloro_logits",
+    "trades",
+]
+
+
+class Loss(Protocol):
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor, eps: float,
+                 **options: Any) -> torch.Tensor: ...
+
+
+#: Loss name -> function; ``create_loss`` binds options, recipes name them.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "ce": cross_entropy,
+    "gloro_ce": gloro_ce,
+    "trades": trades,
+    "emma": emma,
+    "cll": cll,
+}
+
+
+def create_loss(name: str, **options: Any) -> Loss:
+    """The loss ``name`` with ``options`` bound (e.g. ``create_loss("cll", p=0.01, lam=1e-5)``)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
+    return partial(LOSSES[name], **options) if options else LOSSES[name]

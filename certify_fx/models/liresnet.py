@@ -1,5 +1,9 @@
 """The LiResNet family (Hu et al., 2023, App. B), registered with timm as ``liresnet_l{L}w{W}``.
 
+The same skeleton with the block swapped gives the paper's baselines (App. C/D):
+``gloro_convnet_l{L}w{W}`` (a plain 3x3 conv per block) and ``gloro_resnet_l{L}w{W}`` (the
+conventional nonlinear residual block).
+
 stem (conv + MinMax) -> L x (LiResNetBlock -> MinMax) -> neck (conv k4 s4 to 2W + MinMax, flatten,
 dense to d + MinMax) -> LLN head. Input normalisation is part of the model, so certificates are in
 [0, 1] pixel space.
@@ -10,17 +14,22 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from timm.models import register_model
 from torch import nn
 
-from ..nn import LiResNetBlock, LLNLinear, MinMax, Normalize
+from ..nn import LiResNetBlock, LLNLinear, MinMax, Normalize, ResNetBlock
+from ._registry import register_family
 
-__all__ = ["LiResNet", "STEMS"]
+__all__ = ["BLOCKS", "LiResNet", "STEMS"]
 
 #: (kernel, stride, padding) of the stem per input size; each gives a 16x16 feature map (App. B).
 STEMS: dict[int, tuple[int, int, int]] = {32: (5, 2, 2), 64: (7, 4, 3), 224: (14, 14, 0), 28: (5, 2, 2)}
 
-_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_rate", "drop_path_rate", "global_pool")
+#: Backbone block kinds: ``block(width, depth) -> nn.Module``.
+BLOCKS = {
+    "liresnet": lambda width, depth: LiResNetBlock(width, depth),
+    "conv": lambda width, depth: nn.Conv2d(width, width, 3, padding=1),
+    "resnet": lambda width, depth: ResNetBlock(width),
+}
 
 
 class LiResNet(nn.Module):
@@ -34,6 +43,9 @@ class LiResNet(nn.Module):
         img_size: input height and width (chooses the stem, see :data:`STEMS`).
         neck_dim: ``d``, width of the dense neck layer (2048; 4096 on ImageNet).
         mean, std: input normalisation statistics (identity by default).
+        stem: ``(kernel, stride, padding)`` of the stem conv, overriding the per-size default.
+        block: backbone block, one of :data:`BLOCKS` (``liresnet``; ``conv`` and ``resnet`` are
+            the paper's baselines).
     """
 
     def __init__(
@@ -47,17 +59,20 @@ class LiResNet(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         stem: tuple[int, int, int] | None = None,
+        block: str = "liresnet",
     ) -> None:
         super().__init__()
         if width % 2:
             raise ValueError(f"width must be even for MinMax, got {width}")
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
         kernel, stride, padding = stem or STEMS.get(img_size, (3, 1, 1))
         self.num_classes, self.depth, self.width = num_classes, depth, width
         self.pretrained_cfg = {"input_size": (in_chans, img_size, img_size), "num_classes": num_classes}
         self.normalize = Normalize(mean or [0.0] * in_chans, std or [1.0] * in_chans)
         self.stem = nn.Sequential(nn.Conv2d(in_chans, width, kernel, stride, padding), MinMax())
         self.blocks = nn.Sequential(
-            *(nn.Sequential(LiResNetBlock(width, depth), MinMax()) for _ in range(depth))
+            *(nn.Sequential(BLOCKS[block](width, depth), MinMax()) for _ in range(depth))
         )
         feature = (img_size + 2 * padding - kernel) // stride + 1
         pooled = feature // 4
@@ -76,26 +91,23 @@ class LiResNet(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def _create(depth: int, width: int, pretrained: bool = False, **kwargs: Any) -> LiResNet:
-    if pretrained:
-        raise ValueError("certify-fx ships no pretrained LiResNet weights; train one with `certify-fx train`")
-    for key in _TIMM_KWARGS:
-        kwargs.pop(key, None)
-    return LiResNet(depth=depth, width=width, **kwargs)
+_FAMILIES = {"liresnet": "liresnet", "gloro_convnet": "conv", "gloro_resnet": "resnet"}
 
 
-def _register(depth: int, width: int) -> None:
-    name = f"liresnet_l{depth}w{width}"
+def _register(prefix: str, depth: int, width: int) -> None:
+    block = _FAMILIES[prefix]
 
-    def factory(pretrained: bool = False, **kwargs: Any) -> LiResNet:
-        return _create(depth, width, pretrained, **kwargs)
+    def build(**kwargs: Any) -> LiResNet:
+        return LiResNet(depth=depth, width=width, block=kwargs.pop("block", block), **kwargs)
 
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"LiResNet with {depth} blocks of width {width}."
-    factory.__module__ = __name__
-    register_model(factory)
+    register_family(f"{prefix}_l{depth}w{width}", build, __name__,
+                    f"{prefix} with {depth} {block} blocks of width {width}.")
 
 
 # The paper's configurations (L6W128 ... L12W588), deeper ones from App. D, and CPU-sized ones.
-for _depth, _width in [(6, 128), (12, 256), (12, 512), (12, 588), (18, 512), (24, 512), (6, 64), (12, 64), (4, 32)]:
-    _register(_depth, _width)
+for _depth, _width in [(6, 128), (12, 256), (12, 512), (12, 588), (18, 512), (24, 512), (6, 64), (12, 64), (4, 32),
+                       (6, 32)]:
+    _register("liresnet", _depth, _width)
+for _depth, _width in [(6, 256), (12, 256), (18, 256), (6, 64), (6, 32)]:
+    _register("gloro_convnet", _depth, _width)
+    _register("gloro_resnet", _depth, _width)

@@ -5,6 +5,7 @@ from .affine import Affine
 from .liresnet_block import LiResNetBlock
 from .lln import LLNLinear
 from .normalize import Normalize
+from .resnet_block import ResNetBlock
 from .token_mixing import TokenMixing
 
-__all__ = ["Affine", "GroupSort", "LLNLinear", "LiResNetBlock", "MinMax", "Normalize", "TokenMixing"]
+__all__ = ["Affine", "GroupSort", "LLNLinear", "LiResNetBlock", "MinMax", "Normalize", "ResNetBlock", "TokenMixing"]

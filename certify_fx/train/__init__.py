@@ -1,1 +1,51 @@
-"""Recipe schema, trainer, eps schedules, checkpoints and distributed helpers."""
+"""Recipe-driven GloRo training: schema, trainer, eps schedules, checkpoints, distributed helpers.
+
+>>> from certify_fx.train import load_recipe, train
+>>> history = train(load_recipe("recipes/fashion_mnist.yaml", ["epochs=2"]))
+"""
+
+from .builders import build_model, build_split
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistributedContext
+from .evaluate import CertifiedEvaluation, evaluate_certified
+from .recipe import (
+    BoundConfig,
+    DataConfig,
+    EpsConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    Recipe,
+    apply_overrides,
+    load_recipe,
+    recipe_from_dict,
+)
+from .schedules import eps_schedule, linear_ramp
+from .trainer import CHECKPOINT_NAME, LOG_NAME, Trainer, history_table, train
+
+__all__ = [
+    "BoundConfig",
+    "CHECKPOINT_NAME",
+    "CertifiedEvaluation",
+    "DataConfig",
+    "DistributedContext",
+    "EpsConfig",
+    "LOG_NAME",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Recipe",
+    "Trainer",
+    "apply_overrides",
+    "build_model",
+    "build_split",
+    "eps_schedule",
+    "evaluate_certified",
+    "history_table",
+    "linear_ramp",
+    "load_checkpoint",
+    "load_recipe",
+    "recipe_from_dict",
+    "save_checkpoint",
+    "train",
+]

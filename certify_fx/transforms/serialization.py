@@ -13,8 +13,6 @@ names a Python module is imported only with ``trust_source=True``.
 from __future__ import annotations
 
 import importlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +20,12 @@ import torch
 import torch.fx as fx
 
 from ..errors import CertifyFxError
+from ..files import atomic_torch_save
 
 __all__ = ["save_converted", "load_converted", "build_source", "FORMAT"]
 
 FORMAT = "certify-fx/converted"
 VERSION = 1
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` to a temporary file beside ``path`` and rename it: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_source(source: dict[str, Any], trust_source: bool = False) -> torch.nn.Module:
@@ -67,7 +52,7 @@ def build_source(source: dict[str, Any], trust_source: bool = False) -> torch.nn
     raise CertifyFxError(f"unknown model source {source!r}")
 
 
-def save_converted(gm: fx.GraphModule, path: str | os.PathLike, source: dict[str, Any]) -> None:
+def save_converted(gm: fx.GraphModule, path: str | Path, source: dict[str, Any]) -> None:
     """Save a model returned by :func:`certify_fx.convert` (atomically).
 
     Args:
@@ -88,7 +73,7 @@ def save_converted(gm: fx.GraphModule, path: str | os.PathLike, source: dict[str
     atomic_torch_save(payload, path)
 
 
-def load_converted(path: str | os.PathLike, trust_source: bool = False) -> fx.GraphModule:
+def load_converted(path: str | Path, trust_source: bool = False) -> fx.GraphModule:
     """Rebuild a converted model saved by :func:`save_converted` (no code from the file runs)."""
     from .convert import convert
 

@@ -1,0 +1,249 @@
+"""The training recipe: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+Every key is checked: an unknown key is an error naming the key and the allowed ones, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ..errors import RecipeError
+
+__all__ = [
+    "BoundConfig",
+    "DataConfig",
+    "EpsConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Recipe",
+    "apply_overrides",
+    "load_recipe",
+    "recipe_from_dict",
+]
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it is, how it is augmented and batched."""
+
+    name: str = "fashion_mnist"
+    root: str | None = None  #: folder with the files; ``None``: the dataset's default location
+    augment: list[str] = field(default_factory=list)  #: crop, resized_crop, flip, randaugment, cutout
+    crop_padding: int = 4
+    batch_size: int = 256  #: global batch, split evenly over processes
+    eval_batch_size: int = 1000
+    num_workers: int = 0
+    train_subset: int | None = None  #: use only the first N training examples
+    eval_subset: int | None = None  #: evaluate only the first N test examples
+    synthetic: dict = field(default_factory=dict)  #: options of the synthetic dataset
+
+
+@dataclass
+class ModelConfig:
+    """A timm model name (certify-fx families are registered) and its keyword arguments."""
+
+    name: str = "liresnet_l6w32"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """A loss of :data:`certify_fx.losses.LOSSES`, its options, and TRADES' lambda schedule."""
+
+    name: str = "emma"
+    options: dict = field(default_factory=dict)
+    #: GloRo App. B "x, y, e": lambda goes linearly from ``lam_start`` to ``options.lam`` over
+    #: ``lam_epochs`` epochs (unset: constant).
+    lam_start: float | None = None
+    lam_epochs: float | None = None
+
+
+@dataclass
+class EpsConfig:
+    """The certification radius and the training radius schedule."""
+
+    eps: float = 36 / 255  #: radius the model is trained for (and certified at)
+    schedule: str = "liresnet"  #: liresnet | linear | log | fixed
+    #: linear/log: eps_train goes from ``start * eps`` to ``train_multiplier * eps`` over the first
+    #: ``ramp_fraction`` of training; ``liresnet`` is linear with 0.1, 2.0, 0.5 (App. B).
+    start: float = 0.1
+    train_multiplier: float = 2.0
+    ramp_fraction: float = 0.5
+    evaluate: list[float] = field(default_factory=list)  #: radii to report VRA at (default: [eps])
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser (any ``timm.optim`` name) and learning-rate schedule."""
+
+    opt: str = "lookahead_nadam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  #: cosine | constant
+    warmup_epochs: float = 20.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+
+
+@dataclass
+class BoundConfig:
+    """Lipschitz bounds: power iteration in training, the proven bound at evaluation."""
+
+    power_steps: int = 1  #: power-iteration steps per training step (iterates persist)
+    eval_every: int = 1  #: epochs between evaluations (the last epoch is always evaluated)
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a training run; a checkpoint stores it, so a run can be resumed
+    and certified without the YAML file."""
+
+    seed: int = 0
+    epochs: int = 10
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 1
+    device: str = "auto"  #: auto (cuda if available) | cpu | cuda
+    amp: bool = True  #: bf16 autocast on CUDA (the bound stays fp32); ignored on CPU
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eps: EpsConfig = field(default_factory=EpsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    bound: BoundConfig = field(default_factory=BoundConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def eval_eps(self) -> list[float]:
+        return [float(e) for e in (self.eps.evaluate or [self.eps.eps])]
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to the field's type, or a RecipeError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _check_value(value, inner[0], key)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        if isinstance(value, dict):
+            raise RecipeError(f"recipe key {key!r} must be a list, got {type(value).__name__}")
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # `--set eps.evaluate=0.1` means [0.1]
+        (item,) = typing.get_args(annotation)
+        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    expected = origin or annotation
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if not isinstance(value, expected) or (expected in (int, float) and isinstance(value, bool)):
+        raise RecipeError(f"recipe key {key!r} must be {getattr(expected, '__name__', expected)}, "
+                          f"got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe section {prefix or 'root'!r} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        where = f"in section {prefix!r}" if prefix else "at the top level"
+        full = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise RecipeError(f"unknown recipe key {full!r} {where}; "
+                          f"allowed: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _check_value(value, hint, key)
+    return cls(**values)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """A :class:`Recipe` from nested plain data (YAML or a checkpoint), every key checked."""
+    recipe = _build(Recipe, raw or {}, "")
+    _validate(recipe)
+    return recipe
+
+
+def _validate(r: Recipe) -> None:
+    from ..data import AUGMENTATIONS, DATASETS
+    from ..losses import LOSSES
+
+    checks = [
+        (r.data.name in DATASETS, "data.name", r.data.name, list(DATASETS)),
+        (r.loss.name in LOSSES, "loss.name", r.loss.name, list(LOSSES)),
+        (r.eps.schedule in ("liresnet", "linear", "log", "fixed"), "eps.schedule", r.eps.schedule,
+         ["liresnet", "linear", "log", "fixed"]),
+        (r.optim.schedule in ("cosine", "constant"), "optim.schedule", r.optim.schedule, ["cosine", "constant"]),
+        (r.device in ("auto", "cpu", "cuda"), "device", r.device, ["auto", "cpu", "cuda"]),
+    ]
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise RecipeError(f"recipe key {key!r} has unknown value {value!r}; allowed: {', '.join(allowed)}")
+    for a in r.data.augment:
+        if a not in AUGMENTATIONS:
+            raise RecipeError(f"recipe key 'data.augment' has unknown value {a!r}; allowed: {', '.join(AUGMENTATIONS)}")
+    for key, value in [("epochs", r.epochs), ("data.batch_size", r.data.batch_size),
+                       ("checkpoint_every", r.checkpoint_every), ("data.eval_batch_size", r.data.eval_batch_size)]:
+        if value < 1:
+            raise RecipeError(f"recipe key {key!r} must be >= 1, got {value}")
+    if r.eps.eps < 0 or r.optim.lr <= 0 or r.bound.power_steps < 0:
+        raise RecipeError("eps.eps must be >= 0, optim.lr > 0 and bound.power_steps >= 0")
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """``raw`` with ``key.sub=value`` overrides applied (values parsed as YAML: ``3``, ``1e-3``,
+    ``[crop, flip]``, ``null``)."""
+    raw = dict(raw or {})
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not key=value (e.g. --set data.batch_size=128)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override {key!r}: cannot parse value {text!r}: {exc}") from None
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe (``yaml.safe_load``), apply overrides, check every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys, got {type(raw).__name__}")
+    return recipe_from_dict(apply_overrides(raw or {}, overrides))

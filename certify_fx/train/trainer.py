@@ -1,0 +1,270 @@
+"""The recipe-driven GloRo trainer: one process, or many under ``torchrun`` (DDP).
+
+Per step: the model's logits and the differentiable margin matrix ``K`` (power iteration with
+persisted iterates) feed the recipe's loss. Per epoch: the proven bound certifies the test set;
+metrics go to ``log.jsonl`` and the console; the checkpoint is rewritten atomically. Randomness is
+reseeded from ``(seed, epoch)`` at every epoch, so resuming from a checkpoint repeats the
+uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..certify import GloRo
+from ..errors import RecipeError
+from ..files import atomic_write_text
+from ..losses import create_loss
+from .builders import build_model, build_split, recipe_dataset_info
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistributedContext, all_reduce_sum
+from .evaluate import evaluate_certified
+from .recipe import Recipe, recipe_from_dict
+from .schedules import eps_schedule, linear_ramp
+
+__all__ = ["Trainer", "train"]
+
+CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
+
+
+class LogitsAndMargin(nn.Module):
+    """What DDP wraps: one forward gives the logits and the differentiable margin matrix, so the
+    gradients of both reach the same (synchronised) parameters."""
+
+    def __init__(self, gloro: GloRo, autocast: bool) -> None:
+        super().__init__()
+        self.gloro, self.autocast = gloro, autocast
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with amp:
+            logits = self.gloro.model(x)
+        return logits.float(), self.gloro.margin()  # the bound always in fp32
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    torch.manual_seed(seed * 1_000_003 + epoch * 7919 + rank)
+
+
+class Trainer:
+    """Train ``recipe``; ``resume`` continues from a checkpoint written by an earlier run.
+
+    Args:
+        recipe: the run's settings.
+        resume: path of a checkpoint to continue from (its weights, optimiser, power-iteration
+            iterates and metrics history are restored).
+        console: where the live display goes (rank 0 only); ``None`` for a default console.
+    """
+
+    def __init__(self, recipe: Recipe, resume: str | Path | None = None, console: Console | None = None) -> None:
+        self.recipe = recipe
+        self.ctx = DistributedContext.from_env(recipe.device)
+        self.console = console or Console(stderr=False)
+        self.out = Path(recipe.output_dir)
+        device = self.ctx.device
+        torch.manual_seed(recipe.seed)  # identical initial weights on every process
+        self.info = recipe_dataset_info(recipe)
+        self.model = build_model(recipe).to(device)
+        self.gloro = GloRo(self.model, recipe.eps.eps, self.info.input_shape, recipe.bound.power_steps)
+        self.net = LogitsAndMargin(self.gloro, autocast=recipe.amp and device.type == "cuda")
+        self.loss_fn = create_loss(recipe.loss.name)
+
+        self.train_set, self.test_set = build_split(recipe, "train"), build_split(recipe, "test")
+        world = self.ctx.world_size
+        if recipe.data.batch_size % world:
+            raise RecipeError(f"data.batch_size {recipe.data.batch_size} is not divisible by {world} processes")
+        self.sampler = DistributedSampler(self.train_set, num_replicas=world, rank=self.ctx.rank, shuffle=True,
+                                          seed=recipe.seed, drop_last=True)
+        self.loader = DataLoader(self.train_set, batch_size=recipe.data.batch_size // world, sampler=self.sampler,
+                                 drop_last=True, num_workers=recipe.data.num_workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=recipe.data.num_workers > 0)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise RecipeError(f"data.batch_size {recipe.data.batch_size} exceeds the {len(self.train_set)} "
+                              "training examples")
+
+        o = recipe.optim
+        self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
+        total, warmup = recipe.epochs * self.steps_per_epoch, round(o.warmup_epochs * self.steps_per_epoch)
+        common = dict(warmup_t=warmup, warmup_lr_init=o.warmup_lr, t_in_epochs=False)
+        if o.schedule == "cosine":
+            self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=o.min_lr, **common)
+        else:
+            self.scheduler = StepLRScheduler(self.optimizer, decay_t=total + 1, decay_rate=1.0, **common)
+        self.ddp = (DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+                    if self.ctx.distributed else self.net)
+
+        self.epoch, self.step, self.history = 0, 0, []
+        if resume is not None:
+            self._restore(load_checkpoint(resume, map_location=device))
+        self.scheduler.step_update(self.step)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "bound": self.gloro._compiler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "input_shape": list(self.info.input_shape),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.gloro._compiler.load_state_dict(state["bound"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
+        if self.step != self.epoch * self.steps_per_epoch:
+            raise RecipeError(f"the checkpoint was written with {self.step // max(self.epoch, 1)} steps per epoch, "
+                              f"this recipe makes {self.steps_per_epoch}: resume with the same data and batch size")
+
+    # -- training ---------------------------------------------------------------------------
+    def _loss_options(self, progress: float) -> dict[str, Any]:
+        lc = self.recipe.loss
+        options = dict(lc.options)
+        if lc.lam_start is not None:
+            options["lam"] = linear_ramp(lc.lam_start, float(options.get("lam", 1.0)), progress,
+                                         lc.lam_epochs if lc.lam_epochs is not None else self.recipe.epochs / 2)
+        return options
+
+    def train_epoch(self, progress: Progress | None = None) -> dict[str, float]:
+        r, epoch = self.recipe, self.epoch
+        _seed_epoch(r.seed, epoch, self.ctx.rank)
+        self.sampler.set_epoch(epoch)
+        self.net.train()
+        task = progress.add_task(f"epoch {epoch + 1}/{r.epochs}", total=self.steps_per_epoch, info="") if progress else None
+        loss_sum = correct = count = 0.0
+        eps_t = k_max = math.nan
+        for i, (x, y) in enumerate(self.loader):
+            x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+            t = epoch + i / self.steps_per_epoch
+            eps_t = eps_schedule(r.eps.schedule, r.eps.eps, t, r.epochs, r.eps.start, r.eps.train_multiplier,
+                                 r.eps.ramp_fraction)
+            logits, margin = self.ddp(x)
+            loss = self.loss_fn(logits, y, margin, eps_t, **self._loss_options(t))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                         "lower optim.lr or eps.eps")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if r.optim.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            self.scheduler.step_update(self.step)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            count += len(y)
+            k_max = margin.detach().max().item()
+            if task is not None:
+                progress.update(task, advance=1, info=f"loss {loss_sum / count:.4f}  acc {correct / count:.3f}  "
+                                                      f"eps {eps_t:.3f}  K~{k_max:.2f}")
+        if task is not None:
+            progress.remove_task(task)
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.ctx)
+        return {"loss": loss_sum / count, "train_accuracy": correct / count, "eps_train": eps_t,
+                "K_estimate": k_max, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def evaluate(self, progress: Progress | None = None) -> dict[str, Any]:
+        self.net.eval()
+        bound = self.gloro.lipschitz_bound()
+        result = evaluate_certified(self.model, bound, self.test_set, self.recipe.eval_eps,
+                                    self.recipe.data.eval_batch_size, self.ctx, progress=progress)
+        return {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
+                "K": bound.margin.max().item(), "sound": bound.sound}
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train the remaining epochs; returns the metrics history (one dict per epoch)."""
+        r, main = self.recipe, self.ctx.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.out / "recipe.yaml")
+            self._write_log()
+            self._print_header()
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=self.console, disable=not main, transient=True) as progress:
+            while self.epoch < r.epochs:
+                start = time.perf_counter()
+                metrics = {"epoch": self.epoch + 1, **self.train_epoch(progress)}
+                self.epoch += 1
+                if self.epoch % r.bound.eval_every == 0 or self.epoch == r.epochs:
+                    metrics.update(self.evaluate())
+                metrics["seconds"] = time.perf_counter() - start
+                self.history.append(metrics)
+                if main:
+                    self._write_log()
+                    if self.epoch % r.checkpoint_every == 0 or self.epoch == r.epochs:
+                        save_checkpoint(self.out / CHECKPOINT_NAME, self.state_dict())
+                    self._print_epoch(metrics)
+        self.ctx.barrier()
+        return self.history
+
+    # -- output -----------------------------------------------------------------------------
+    def _write_log(self) -> None:
+        atomic_write_text("".join(json.dumps(m) + "\n" for m in self.history), self.out / LOG_NAME)
+
+    def _print_header(self) -> None:
+        r = self.recipe
+        params = sum(p.numel() for p in self.model.parameters())
+        self.console.print(
+            f"[bold]certify-fx train[/]: {r.model.name} ({params / 1e6:.2f}M parameters) on {r.data.name} "
+            f"({len(self.train_set)} train / {len(self.test_set)} test), loss {r.loss.name}, eps {r.eps.eps:.4f}, "
+            f"{r.epochs} epochs x {self.steps_per_epoch} steps, {self.ctx.world_size} process(es) on "
+            f"{self.ctx.device.type} -> {self.out}")
+        if self.epoch:
+            self.console.print(f"resumed after epoch {self.epoch} (step {self.step})")
+
+    def _print_epoch(self, m: dict[str, Any]) -> None:
+        vra = "  ".join(f"VRA@{float(e):.3f} {v:.3f}" for e, v in m.get("vra", {}).items())
+        clean = f"  clean {m['clean_accuracy']:.3f}  {vra}  K {m['K']:.3f}" if "clean_accuracy" in m else ""
+        self.console.print(f"epoch {m['epoch']:>3}/{self.recipe.epochs}  loss {m['loss']:.4f}  "
+                           f"train acc {m['train_accuracy']:.3f}{clean}  eps_train {m['eps_train']:.3f}  "
+                           f"lr {m['lr']:.2e}  {m['seconds']:.1f}s")
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+def history_table(history: list[dict[str, Any]], title: str = "training") -> Table:
+    """A rich table of per-epoch metrics."""
+    table = Table(title=title)
+    eps = sorted({e for m in history for e in m.get("vra", {})}, key=float)
+    for col in ["epoch", "loss", "train acc", "clean acc", *(f"VRA@{float(e):.3f}" for e in eps), "K", "s"]:
+        table.add_column(col, justify="right")
+    for m in history:
+        vra = [f"{m['vra'][e]:.3f}" if e in m.get("vra", {}) else "" for e in eps]
+        clean = f"{m['clean_accuracy']:.3f}" if "clean_accuracy" in m else ""
+        k = f"{m['K']:.3f}" if "K" in m else ""
+        table.add_row(str(m["epoch"]), f"{m['loss']:.4f}", f"{m['train_accuracy']:.3f}", clean, *vra, k,
+                      f"{m['seconds']:.1f}")
+    return table
+
+
+def train(recipe: Recipe | dict, resume: str | Path | None = None, console: Console | None = None) -> list[dict]:
+    """Train a recipe (a :class:`Recipe` or plain dict) and return the metrics history."""
+    recipe = recipe if isinstance(recipe, Recipe) else recipe_from_dict(recipe)
+    trainer = Trainer(recipe, resume, console)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
