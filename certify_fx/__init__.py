@@ -5,11 +5,23 @@
 >>> b = cfx.bound(model.eval(), (3, 32, 32))      # margin Lipschitz constants K[i, j]
 >>> cert = cfx.certify(model, x, eps=36 / 255, bound=b)
 >>> cert.certified, cert.radius
+
+Training lives in :mod:`certify_fx.train` (recipes, trainer), :mod:`certify_fx.losses` and
+:mod:`certify_fx.data`; models in :mod:`certify_fx.models` (registered with timm on import).
 """
 
 from .bounds import BoundCompiler, LipschitzBound, NodeBound, bound, register_function_rule, register_module_rule
 from .certify import Certificate, GloRo, bottom_logit, certified_radius, certify, verified_robust_accuracy
-from .errors import CertifyFxError, NotLipschitzError, TraceError, UnsupportedNodeError
+from .errors import (
+    CertifyFxError,
+    CheckpointError,
+    DatasetNotFoundError,
+    NotLipschitzError,
+    RecipeError,
+    TraceError,
+    UnsupportedNodeError,
+)
+from .losses import create_loss
 from .transforms import Rewrite, convert, load_converted, save_converted
 
 __version__ = "0.1.0"
@@ -18,10 +30,13 @@ __all__ = [
     "BoundCompiler",
     "Certificate",
     "CertifyFxError",
+    "CheckpointError",
+    "DatasetNotFoundError",
     "GloRo",
     "LipschitzBound",
     "NodeBound",
     "NotLipschitzError",
+    "RecipeError",
     "Rewrite",
     "TraceError",
     "UnsupportedNodeError",
@@ -30,6 +45,7 @@ __all__ = [
     "certified_radius",
     "certify",
     "convert",
+    "create_loss",
     "load_converted",
     "register_function_rule",
     "register_module_rule",

@@ -20,3 +20,26 @@ def exact_margin_norms(jac):
     """||J_i - J_j|| for all pairs: the exact Lipschitz constant of each margin of a linear net."""
     diff = jac[:, None, :] - jac[None, :, :]
     return diff.norm(dim=-1)
+
+
+def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
+    """Largest ||grad (f_i - f_j)|| and secant slope gradient ascent finds (a lower bound)."""
+    best = 0.0
+    for r in range(restarts):
+        x = torch.randn(8, *shape, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([x], lr=0.05)
+        for _ in range(steps):
+            out = model(x)
+            (g,) = torch.autograd.grad((out[:, i] - out[:, j]).sum(), x, create_graph=True)
+            norms = g.flatten(1).norm(dim=1)
+            best = max(best, norms.max().item())
+            opt.zero_grad()
+            (-norms.sum()).backward()
+            opt.step()
+        # secant slopes along random short segments
+        with torch.no_grad():
+            d = torch.randn_like(x) * 1e-2
+            a, b = model(x), model(x + d)
+            slope = ((a[:, i] - a[:, j]) - (b[:, i] - b[:, j])).abs() / d.flatten(1).norm(dim=1)
+            best = max(best, slope.max().item())
+    return best

@@ -8,6 +8,7 @@ from torch import nn
 import certify_fx as cfx
 from certify_fx.errors import NotLipschitzError, UnsupportedNodeError
 from certify_fx.nn import GroupSort, LiResNetBlock, MinMax
+from conftest import empirical_margin_lipschitz
 
 
 class ResidualNet(nn.Module):
@@ -40,29 +41,6 @@ def _scale_weights(model, factor):
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.uniform_(0.3, 2.0)
                 m.running_mean.normal_()
-
-
-def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
-    """Largest ||grad (f_i - f_j)|| and secant slope gradient ascent finds (a lower bound)."""
-    best = 0.0
-    for r in range(restarts):
-        x = torch.randn(8, *shape, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.Adam([x], lr=0.05)
-        for _ in range(steps):
-            out = model(x)
-            (g,) = torch.autograd.grad((out[:, i] - out[:, j]).sum(), x, create_graph=True)
-            norms = g.flatten(1).norm(dim=1)
-            best = max(best, norms.max().item())
-            opt.zero_grad()
-            (-norms.sum()).backward()
-            opt.step()
-        # secant slopes along random short segments
-        with torch.no_grad():
-            d = torch.randn_like(x) * 1e-2
-            a, b = model(x), model(x + d)
-            slope = ((a[:, i] - a[:, j]) - (b[:, i] - b[:, j])).abs() / d.flatten(1).norm(dim=1)
-            best = max(best, slope.max().item())
-    return best
 
 
 @pytest.mark.parametrize("act", ["relu", "minmax", "groupsort", "gelu"])

@@ -21,8 +21,8 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 
-from ..errors import DatasetNotFoundError
 from .augment import AUGMENTATIONS, build_transform
+from .cifar import CIFAR
 from .fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from .folder import image_folder
 from .idx import read_idx
@@ -30,6 +30,7 @@ from .synthetic import SyntheticImages
 
 __all__ = [
     "AUGMENTATIONS",
+    "CIFAR",
     "DATASETS",
     "DatasetInfo",
     "FashionMNIST",
@@ -80,18 +81,6 @@ def dataset_info(name: str, **synthetic) -> DatasetInfo:
     return info
 
 
-def _cifar(cls, root: Path, folder: str, split: str, transform) -> Dataset:
-    if not (root / folder).is_dir():
-        raise DatasetNotFoundError(
-            f"{cls.__name__} not found: expected the torchvision folder {root / folder}/ (python pickles); "
-            f"download it elsewhere (e.g. torchvision's {cls.__name__}(root, download=True)) and copy it there, "
-            "or set data.root")
-    try:
-        return cls(str(root), train=split == "train", transform=transform, download=False)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise DatasetNotFoundError(f"{cls.__name__} under {root / folder} is incomplete or corrupt: {exc}") from None
-
-
 def build_dataset(name: str, split: str, root: str | Path | None = None, augment: Sequence[str] = (),
                   crop_padding: int = 4, synthetic: dict | None = None) -> Dataset:
     """The ``split`` (``train`` or ``test``) of dataset ``name`` as ``(image in [0, 1], label)`` pairs.
@@ -123,10 +112,8 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, augment
         transform = build_transform(info.img_size, augment, crop_padding) if augment else None
         return FashionMNIST(root, split, transform)
     if name in ("cifar10", "cifar100"):
-        from torchvision.datasets import CIFAR10, CIFAR100
-
-        cls, folder = (CIFAR10, "cifar-10-batches-py") if name == "cifar10" else (CIFAR100, "cifar-100-python")
-        return _cifar(cls, root, folder, split, build_transform(info.img_size, augment, crop_padding))
+        transform = build_transform(info.img_size, augment, crop_padding) if augment else None
+        return CIFAR(root, name, split, transform)
     resize = None if split == "train" or name == "tinyimagenet" else int(info.img_size * 8 / 7)
     transform = build_transform(info.img_size, augment, crop_padding, resize=resize)
     return image_folder(root, split, transform)

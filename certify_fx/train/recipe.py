@@ -100,6 +100,8 @@ class BoundConfig:
     """Lipschitz bounds: power iteration in training, the proven bound at evaluation."""
 
     power_steps: int = 1  #: power-iteration steps per training step (iterates persist)
+    #: after each epoch, run power iteration to convergence (at most this many steps, GloRo App. B)
+    converge_steps: int = 200
     eval_every: int = 1  #: epochs between evaluations (the last epoch is always evaluated)
 
 

@@ -52,10 +52,12 @@ class LogitsAndMargin(nn.Module):
         self.gloro, self.autocast = gloro, autocast
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with amp:
             logits = self.gloro.model(x)
-        return logits.float(), self.gloro.margin()  # the bound always in fp32
+        with torch.autocast(x.device.type, enabled=False):
+            margin = self.gloro.margin()  # the bound always in fp32
+        return logits.float(), margin
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -180,6 +182,9 @@ class Trainer:
                                                       f"eps {eps_t:.3f}  K~{k_max:.2f}")
         if task is not None:
             progress.remove_task(task)
+        if r.bound.converge_steps:
+            with torch.no_grad():  # GloRo App. B: iterates converge once per epoch
+                k_max = self.gloro._compiler.estimate(steps=r.bound.converge_steps, tol=1e-6).max().item()
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.ctx)
         return {"loss": loss_sum / count, "train_accuracy": correct / count, "eps_train": eps_t,
                 "K_estimate": k_max, "lr": self.optimizer.param_groups[0]["lr"]}

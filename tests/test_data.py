@@ -1,0 +1,164 @@
+"""Dataset builders read the standard on-disk formats (files made here) and never download."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from certify_fx.data import (
+    AUGMENTATIONS,
+    CIFAR,
+    DATASETS,
+    FashionMNIST,
+    SyntheticImages,
+    build_dataset,
+    build_transform,
+    read_idx,
+)
+from certify_fx.data.fashion_mnist import DEFAULT_FASHION_MNIST_ROOT
+from certify_fx.errors import DatasetNotFoundError
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def _fake_fashion(root: Path, n_train=12, n_test=5, compress=True) -> None:
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if compress else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), compress)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, (n,)), compress)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip(tmp_path, compress):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.idx", array, compress)
+    path = tmp_path / "a.idx"
+    if compress:
+        path = path.rename(tmp_path / "a.idx.gz")
+    assert torch.equal(read_idx(path), torch.from_numpy(array))
+
+
+def test_idx_rejects_truncated_and_foreign_files(tmp_path):
+    _write_idx(tmp_path / "a", np.zeros((4, 5), np.uint8), compress=False)
+    (tmp_path / "b").write_bytes((tmp_path / "a").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "b")
+    (tmp_path / "c").write_bytes(b"PK\x03\x04 not idx")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "c")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_from_idx_files(tmp_path, compress):
+    _fake_fashion(tmp_path, compress=compress)
+    train, test = FashionMNIST(tmp_path, "train"), FashionMNIST(tmp_path, "test")
+    assert (len(train), len(test)) == (12, 5)
+    x, y = train[3]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert 0 <= y < 10
+    augmented = build_dataset("fashion_mnist", "train", tmp_path, augment=["crop", "flip"], crop_padding=2)
+    assert augmented[0][0].shape == (1, 28, 28)
+
+
+def test_missing_dataset_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install -y dataset-fashion-mnist") as err:
+        build_dataset("fashion_mnist", "train", tmp_path)
+    assert str(tmp_path / "train-images-idx3-ubyte") in str(err.value)
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
+        build_dataset("cifar10", "test", tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "train")):
+        build_dataset("imagenet", "train", tmp_path)
+
+
+@pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT).is_dir(), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_the_debian_package():
+    train, test = build_dataset("fashion_mnist", "train"), build_dataset("fashion_mnist", "test")
+    assert (len(train), len(test)) == (60000, 10000)
+    assert torch.bincount(test.targets).tolist() == [1000] * 10
+
+
+def _fake_cifar(root: Path, name: str) -> None:
+    folder, files, key = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels"),
+                          "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels")}[name]
+    (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for f in files:
+        batch = {"data": rng.integers(0, 256, (3, 3072)).astype(np.uint8), key: [1, 2, 0]}
+        (root / folder / f).write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_in_torchvision_format(tmp_path, name):
+    _fake_cifar(tmp_path, name)
+    train = build_dataset(name, "train", tmp_path, augment=["crop", "randaugment", "flip", "cutout"])
+    test = build_dataset(name, "test", tmp_path)
+    assert len(train) == (15 if name == "cifar10" else 3) and len(test) == 3
+    assert train[0][0].shape == (3, 32, 32) and test[1][1] == 2
+    raw = CIFAR(tmp_path, name, "test")
+    assert torch.equal((test[0][0] * 255).round().to(torch.uint8), raw.images[0])
+
+
+def test_cifar_pickles_cannot_run_code(tmp_path):
+    _fake_cifar(tmp_path, "cifar10")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": Evil(), "labels": []}))
+    with pytest.raises(DatasetNotFoundError, match="refusing to load builtins.print"):
+        build_dataset("cifar10", "test", tmp_path)
+
+
+def _png(path: Path, value: int, size: int = 70) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+
+
+def test_image_folder_and_tiny_imagenet_val_annotations(tmp_path):
+    for wnid, v in (("n01", 10), ("n02", 200)):
+        _png(tmp_path / "train" / wnid / "images" / f"{wnid}_0.JPEG.png", v, 64)
+    _png(tmp_path / "val" / "images" / "val_0.png", 200, 64)
+    _png(tmp_path / "val" / "images" / "val_1.png", 10, 64)
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.png\tn02\t0\t0\t1\t1\nval_1.png\tn01\t0\t0\t1\t1\n")
+    train = build_dataset("tinyimagenet", "train", tmp_path, augment=["crop", "flip", "cutout"])
+    val = build_dataset("tinyimagenet", "test", tmp_path)
+    assert len(train) == 2 and [val[i][1] for i in range(2)] == [1, 0]
+    assert val[0][0].shape == (3, 64, 64) and val[0][0].mean().item() == pytest.approx(200 / 255, abs=1e-3)
+
+
+def test_imagenet_folder_resizes_for_evaluation(tmp_path):
+    for split in ("train", "val"):
+        _png(tmp_path / split / "n01" / "a.png", 50, 300)
+    x, y = build_dataset("imagenet", "test", tmp_path)[0]
+    assert x.shape == (3, 224, 224) and y == 0
+    x, _ = build_dataset("imagenet", "train", tmp_path, augment=["resized_crop", "flip"])[0]
+    assert x.shape == (3, 224, 224)
+
+
+def test_synthetic_is_deterministic_and_splits_differ():
+    a, b = SyntheticImages(size=20, seed=3), SyntheticImages(size=20, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    test = SyntheticImages(size=20, seed=3, split="test")
+    assert not torch.equal(a.images, test.images)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+    assert len(build_dataset("synthetic", "test", synthetic={"size": 40, "test_size": 7})) == 7
+
+
+def test_augmentations_by_name():
+    x = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    for name in AUGMENTATIONS:
+        assert build_transform(32, [name])(x).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
+        build_transform(32, ["mixup"])
+    assert set(DATASETS) >= {"fashion_mnist", "cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic"}
