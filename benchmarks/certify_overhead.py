@@ -9,7 +9,6 @@ at ~1.0 (target <= 1.05). Both are timed side by side in one run, interleaved, o
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -18,11 +17,7 @@ from rich.table import Table
 
 import certify_fx as cfx
 from certify_fx.models import LiResNet
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from timing import interleaved_medians, median
 
 
 def main() -> None:
@@ -50,18 +45,8 @@ def main() -> None:
     def certify() -> None:
         cfx.certify(model, x, eps=36 / 255, bound=bound)
 
-    for fn in (forward, certify):  # warm-up
-        fn()
-    times: dict[str, list[float]] = {"forward": [], "certify": []}
-    for _ in range(args.repeats):
-        for name, fn in (("forward", forward), ("certify", certify)):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-
-    fwd, cert = statistics.median(times["forward"]), statistics.median(times["certify"])
+    times = interleaved_medians({"forward": forward, "certify": certify}, args.repeats, device)
+    fwd, cert = median(times["forward"]), median(times["certify"])
     table = Table(title=f"certify() overhead: LiResNet L{args.depth}W{args.width}, 3x32x32, batch {args.batch}, "
                         f"{device.type}, {torch.get_num_threads()} threads")
     for col in ("plain forward (s)", "certify (s)", "ratio", "target", "bound, once (s)"):

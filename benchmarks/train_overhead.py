@@ -11,9 +11,6 @@ interleaved and the medians compared, in one run on one machine (target on CPU: 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -22,11 +19,7 @@ from timm.optim import create_optimizer_v2
 from certify_fx import GloRo
 from certify_fx.losses import cross_entropy, emma
 from certify_fx.models import LiResNet
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from timing import interleaved_medians, median
 
 
 def main() -> None:
@@ -55,18 +48,9 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    for robust in (False, True, False, True):  # warm-up
-        step(robust)
-    times: dict[str, list[float]] = {"cross-entropy": [], "EMMA": []}
-    for _ in range(args.repeats):
-        for name, robust in (("cross-entropy", False), ("EMMA", True)):
-            _sync(device)
-            start = time.perf_counter()
-            step(robust)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-
-    ce, robust = statistics.median(times["cross-entropy"]), statistics.median(times["EMMA"])
+    times = interleaved_medians({"cross-entropy": lambda: step(False), "EMMA": lambda: step(True)},
+                                args.repeats, device)
+    ce, robust = median(times["cross-entropy"]), median(times["EMMA"])
     table = Table(title=f"training step, LiResNet L{args.depth}W{args.width} {args.img_size}x{args.img_size}, "
                         f"batch {args.batch}, {device.type}, {torch.get_num_threads()} threads")
     for col in ("step", "median ms", "min ms", "ratio"):

@@ -77,7 +77,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     import certify_fx as cfx
-    from certify_fx.errors import CheckpointError
+    from certify_fx.data import dataset_info
+    from certify_fx.errors import CheckpointError, RecipeError
     from certify_fx.train import build_model, build_split, evaluate_certified, load_checkpoint, recipe_from_dict
     from certify_fx.train.builders import recipe_dataset_info
 
@@ -100,6 +101,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     with console.status("computing the proven Lipschitz bound"):
         bound = cfx.bound(model, shape, estimate_steps=0)
     bound_seconds = time.perf_counter() - start
+    if args.data and dataset_info(args.data).input_shape != shape:
+        raise RecipeError(f"--data {args.data} has inputs {dataset_info(args.data).input_shape}, but the model "
+                          f"was trained on {recipe.data.name} with inputs {shape}")
     dataset = build_split(recipe, "test", name=args.data)
     with Progress(console=console, transient=True, disable=args.json) as progress, torch.inference_mode():
         result = evaluate_certified(model, bound, dataset, eps, recipe.data.eval_batch_size, keep_radii=True,

@@ -1,9 +1,8 @@
 """Exact folding: a folded operator computes exactly what the unfolded sequence computes."""
 
-import pytest
 import torch
 
-from certify_fx.bounds.operators import Compose, Conv2d, Dense, Identity, Scale, Sum, add, compose, materialize
+from certify_fx.bounds.operators import Conv2d, Dense, Identity, Scale, Sum, add, compose, materialize
 
 
 def _check_same(folded, reference, in_shape):

@@ -59,7 +59,7 @@ def test_single_process_run_writes_log_checkpoint_and_recipe(single_run):
 
 def test_two_gloo_processes_match_one(single_run, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531", "-m", "certify_fx", "train",
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "certify_fx", "train",
            str(SMOKE), "--set", f"output_dir={out}"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,6 +104,7 @@ def test_resume_without_the_recipe_uses_the_checkpoints(single_run, tmp_path):
                   "--set", "epochs=4")
     assert result.returncode == 0, result.stderr
     assert "resumed after epoch 3" in result.stdout and load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 4
+    assert "differs from the checkpoint's in epochs" in result.stdout  # a longer schedule is a different run
 
 
 def test_corrupt_checkpoint_is_one_clear_line(single_run, tmp_path):
@@ -163,12 +164,26 @@ def test_certify_cli_json_and_plot(single_run, tmp_path):
     assert "VRA @ eps=0.1" in table.stdout and "clean accuracy" in table.stdout
 
 
+@pytest.mark.slow
+def test_fashion_mnist_recipe_reaches_a_useful_vra(tmp_path):
+    """The full CPU recipe (about 13 minutes): LiResNet + EMMA, certified with the proven bound."""
+    history = train(load_recipe(ROOT / "recipes" / "fashion_mnist.yaml", [f"output_dir={tmp_path}"]))
+    assert history[-1]["sound"] and history[-1]["clean_accuracy"] > 0.8 and history[-1]["vra"]["0.1"] > 0.7
+
+
 def test_trades_lambda_schedule_and_cll_train_in_process(tmp_path):
     base = load_recipe(SMOKE, [f"output_dir={tmp_path}", "epochs=1", "data.synthetic.size=128"]).to_dict()
     for loss in ({"name": "trades", "options": {"lam": 2.0}, "lam_start": 0.0, "lam_epochs": 1.0},
                  {"name": "cll", "options": {"p": 0.05, "lam": 1e-4}}, {"name": "gloro_ce"}):
         history = train({**base, "loss": loss}, console=None)
         assert len(history) == 1 and history[0]["loss"] > 0
+
+
+def test_bad_optimizer_and_mismatched_certify_data_are_clear_errors(single_run, tmp_path):
+    with pytest.raises(RecipeError, match="recipe key 'optim.opt': cannot create optimizer 'adamm'"):
+        Trainer(load_recipe(SMOKE, [f"output_dir={tmp_path}", "optim.opt=adamm"]))
+    result = _cli("certify", single_run / "checkpoint.pt", "--data", "cifar10")
+    assert result.returncode == 2 and "--data cifar10 has inputs (3, 32, 32)" in result.stderr
 
 
 def test_resume_with_another_batch_size_is_refused(single_run, tmp_path):

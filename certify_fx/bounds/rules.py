@@ -24,7 +24,7 @@ from ..errors import NotLipschitzError
 from . import constants as C
 from .compiler import Evaluator, Tracked
 from .operators import (
-    Concat, Conv2d, Dense, Expand, Identity, LinearOperator, Pad, Permute, Reduce, Reshape, Scale, Select, add,
+    Concat, Conv2d, Dense, Expand, LinearOperator, Pad, Permute, Reduce, Reshape, Scale, Select, add,
 )
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "register_module_rule", "register_function_rule",

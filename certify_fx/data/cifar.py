@@ -12,10 +12,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from ..errors import DatasetNotFoundError
+from .tensor_images import TensorImages
 
 __all__ = ["CIFAR"]
 
@@ -41,7 +40,7 @@ def _load_batch(path: Path) -> dict:
     return {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
 
 
-class CIFAR(Dataset):
+class CIFAR(TensorImages):
     """CIFAR-10 or CIFAR-100 as ``(3, 32, 32)`` images.
 
     Args:
@@ -73,11 +72,3 @@ class CIFAR(Dataset):
         self.images = torch.from_numpy(np.concatenate(images))
         self.targets = torch.tensor(labels, dtype=torch.long)
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = tv_tensors.Image(self.images[index])
-        image = self.transform(image) if self.transform else image.float() / 255
-        return image, int(self.targets[index])

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from ..errors import DatasetNotFoundError
+from .tensor_images import TensorImages
 from .idx import read_idx
 
 __all__ = ["DEFAULT_FASHION_MNIST_ROOT", "FashionMNIST"]
@@ -28,7 +26,7 @@ def _find(root: Path, stem: str) -> Path:
         "or set data.root to a folder holding the four IDX files")
 
 
-class FashionMNIST(Dataset):
+class FashionMNIST(TensorImages):
     """The 60,000 / 10,000 28x28 grey images of Fashion-MNIST as ``(1, 28, 28)`` images.
 
     Args:
@@ -50,11 +48,3 @@ class FashionMNIST(Dataset):
         if len(self.images) != len(self.targets):
             raise ValueError(f"Fashion-MNIST {split}: {len(self.images)} images but {len(self.targets)} labels")
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = tv_tensors.Image(self.images[index])
-        image = self.transform(image) if self.transform else image.float() / 255
-        return image, int(self.targets[index])

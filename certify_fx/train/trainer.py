@@ -60,6 +60,22 @@ class LogitsAndMargin(nn.Module):
         return logits.float(), margin
 
 
+# Keys that may change on resume without changing the result of the run.
+_RESUMABLE_CHANGES = {"output_dir", "checkpoint_every", "device", "data.root", "data.num_workers",
+                      "data.eval_batch_size", "bound.eval_every"}
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b, key = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict) and k not in ("kwargs", "options", "synthetic"):
+            keys += _changed_keys(a, b, key + ".")
+        elif a != b:
+            keys.append(key)
+    return keys
+
+
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(seed * 1_000_003 + epoch * 7919 + rank)
 
@@ -102,7 +118,10 @@ class Trainer:
                               "training examples")
 
         o = recipe.optim
-        self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
+        try:
+            self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
+        except (ValueError, KeyError, AssertionError) as exc:
+            raise RecipeError(f"recipe key 'optim.opt': cannot create optimizer {o.opt!r} with timm.optim ({exc})") from None
         total, warmup = recipe.epochs * self.steps_per_epoch, round(o.warmup_epochs * self.steps_per_epoch)
         common = dict(warmup_t=warmup, warmup_lr_init=o.warmup_lr, t_in_epochs=False)
         if o.schedule == "cosine":
@@ -113,6 +132,7 @@ class Trainer:
                     if self.ctx.distributed else self.net)
 
         self.epoch, self.step, self.history = 0, 0, []
+        self.resumed_changes: list[str] = []  # recipe keys that differ from the checkpoint's
         if resume is not None:
             self._restore(load_checkpoint(resume, map_location=device))
         self.scheduler.step_update(self.step)
@@ -131,6 +151,7 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
+        self.resumed_changes = _changed_keys(state["recipe"], self.recipe.to_dict())
         self.model.load_state_dict(state["model"])
         self.gloro._compiler.load_state_dict(state["bound"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -238,6 +259,10 @@ class Trainer:
             f"{self.ctx.device.type} -> {self.out}")
         if self.epoch:
             self.console.print(f"resumed after epoch {self.epoch} (step {self.step})")
+        changed = [k for k in self.resumed_changes if k not in _RESUMABLE_CHANGES]
+        if changed:
+            self.console.print(f"[yellow]warning[/]: the recipe differs from the checkpoint's in {', '.join(changed)}; "
+                               "the run will not match an uninterrupted one")
 
     def _print_epoch(self, m: dict[str, Any]) -> None:
         vra = "  ".join(f"VRA@{float(e):.3f} {v:.3f}" for e, v in m.get("vra", {}).items())
