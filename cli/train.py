@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.set)
     else:  # the checkpoint's own recipe, with overrides
         recipe = recipe_from_dict(apply_overrides(load_checkpoint(args.resume)["recipe"], args.set))
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=120)  # logs and pipes: no wrapped rows
     trainer = Trainer(recipe, resume=args.resume, console=console)
     try:
         history = trainer.fit()
