@@ -43,3 +43,18 @@ def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
             slope = ((a[:, i] - a[:, j]) - (b[:, i] - b[:, j])).abs() / d.flatten(1).norm(dim=1)
             best = max(best, slope.max().item())
     return best
+
+
+def pgd_l2(model, x, pred, eps, steps=40):
+    """Untargeted l2 PGD maximising the best wrong-class margin within the eps-ball."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        out = model(x + delta)
+        own = out.gather(1, pred[:, None])[:, 0]
+        other = out.scatter(1, pred[:, None], -torch.inf).amax(1)
+        (g,) = torch.autograd.grad((other - own).sum(), delta)
+        with torch.no_grad():
+            delta += 2.5 * eps / steps * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta *= torch.clamp(eps / norm, max=1.0)
+    return model(x + delta).argmax(1)

@@ -9,6 +9,7 @@ from torch import nn
 
 import certify_fx as cfx
 from certify_fx.nn import LLNLinear, MinMax
+from conftest import pgd_l2
 
 
 def small_net(classes=4):
@@ -63,21 +64,6 @@ def test_unsound_bound_is_refused():
         cfx.certify(model, torch.rand(2, 1, 8, 8), eps=0.1, bound=result)
     cert = cfx.certify(model, torch.rand(2, 1, 8, 8), eps=0.1, bound=result, use_estimate=True)
     assert not cert.sound
-
-
-def pgd_l2(model, x, pred, eps, steps=40):
-    """Untargeted l2 PGD maximising the best wrong-class margin within the eps-ball."""
-    delta = torch.zeros_like(x, requires_grad=True)
-    for _ in range(steps):
-        out = model(x + delta)
-        own = out.gather(1, pred[:, None])[:, 0]
-        other = out.scatter(1, pred[:, None], -torch.inf).amax(1)
-        (g,) = torch.autograd.grad((other - own).sum(), delta)
-        with torch.no_grad():
-            delta += 2.5 * eps / steps * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            delta *= torch.clamp(eps / norm, max=1.0)
-    return model(x + delta).argmax(1)
 
 
 def test_attacks_never_flip_certified_points():

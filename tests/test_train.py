@@ -150,6 +150,24 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_attacks_never_flip_what_the_trained_model_certifies(single_run):
+    import certify_fx as cfx
+    from certify_fx.train import build_model, build_split, recipe_from_dict
+    from conftest import pgd_l2
+
+    state = load_checkpoint(single_run / "checkpoint.pt")
+    recipe = recipe_from_dict(state["recipe"])
+    model = build_model(recipe)
+    model.load_state_dict(state["model"])
+    model.eval()
+    x = torch.stack([build_split(recipe, "test")[i][0] for i in range(128)])
+    bound = cfx.bound(model, tuple(x.shape[1:]), estimate_steps=0)
+    cert = cfx.certify(model, x, eps=recipe.eps.eps, bound=bound)
+    robust = cert.certified
+    assert robust.sum() > 32  # the trained model certifies most of the synthetic test set
+    assert torch.equal(pgd_l2(model, x[robust], cert.pred[robust], recipe.eps.eps), cert.pred[robust])
+
+
 def test_certify_cli_json_and_plot(single_run, tmp_path):
     plot = tmp_path / "curve.png"
     result = _cli("certify", single_run / "checkpoint.pt", "--json", "--eps", "0.05,0.1", "--plot", plot)
