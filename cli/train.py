@@ -49,12 +49,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.recipe is None and args.resume is None:
         raise RecipeError("give a RECIPE file, or --resume CHECKPOINT to continue a run")
+    state = load_checkpoint(args.resume) if args.resume is not None else None  # read once
     if args.recipe is not None:
         recipe = load_recipe(args.recipe, args.set)
     else:  # the checkpoint's own recipe, with overrides
-        recipe = recipe_from_dict(apply_overrides(load_checkpoint(args.resume)["recipe"], args.set))
+        recipe = recipe_from_dict(apply_overrides(state["recipe"], args.set))
     console = Console() if sys.stdout.isatty() else Console(width=120)  # logs and pipes: no wrapped rows
-    trainer = Trainer(recipe, resume=args.resume, console=console)
+    trainer = Trainer(recipe, resume=state, console=console)
     try:
         history = trainer.fit()
         if trainer.ctx.is_main:
@@ -97,15 +98,15 @@ def cmd_certify(args: argparse.Namespace) -> int:
     model.eval()
     eps = args.eps or recipe.eval_eps
     console = Console(stderr=args.json)
-    start = time.perf_counter()
     shape = recipe_dataset_info(recipe).input_shape
+    if args.data and (data_shape := dataset_info(args.data).input_shape) != shape:
+        raise RecipeError(f"--data {args.data} has inputs {data_shape}, but the model "
+                          f"was trained on {recipe.data.name} with inputs {shape}")
+    dataset = build_split(recipe, "test", name=args.data)  # a missing dataset fails before the bound
+    start = time.perf_counter()
     with console.status("computing the proven Lipschitz bound"):
         bound = cfx.bound(model, shape, estimate_steps=0)
     bound_seconds = time.perf_counter() - start
-    if args.data and dataset_info(args.data).input_shape != shape:
-        raise RecipeError(f"--data {args.data} has inputs {dataset_info(args.data).input_shape}, but the model "
-                          f"was trained on {recipe.data.name} with inputs {shape}")
-    dataset = build_split(recipe, "test", name=args.data)
     with Progress(console=console, transient=True, disable=args.json) as progress, torch.inference_mode():
         result = evaluate_certified(model, bound, dataset, eps, recipe.data.eval_batch_size, keep_radii=True,
                                     progress=progress)

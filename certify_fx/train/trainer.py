@@ -85,12 +85,13 @@ class Trainer:
 
     Args:
         recipe: the run's settings.
-        resume: path of a checkpoint to continue from (its weights, optimiser, power-iteration
-            iterates and metrics history are restored).
+        resume: a checkpoint to continue from, as a path or as read by :func:`load_checkpoint`
+            (its weights, optimiser, power-iteration iterates and metrics history are restored).
         console: where the live display goes (rank 0 only); ``None`` for a default console.
     """
 
-    def __init__(self, recipe: Recipe, resume: str | Path | None = None, console: Console | None = None) -> None:
+    def __init__(self, recipe: Recipe, resume: str | Path | dict[str, Any] | None = None,
+                 console: Console | None = None) -> None:
         self.recipe = recipe
         self.ctx = DistributedContext.from_env(recipe.device)
         self.console = console or Console(stderr=False)
@@ -134,7 +135,7 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.resumed_changes: list[str] = []  # recipe keys that differ from the checkpoint's
         if resume is not None:
-            self._restore(load_checkpoint(resume, map_location=device))
+            self._restore(resume if isinstance(resume, dict) else load_checkpoint(resume, map_location=device))
         self.scheduler.step_update(self.step)
 
     # -- state ------------------------------------------------------------------------------
@@ -147,7 +148,6 @@ class Trainer:
             "bound": self.gloro._compiler.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
-            "input_shape": list(self.info.input_shape),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -184,8 +184,9 @@ class Trainer:
                                  r.eps.ramp_fraction)
             logits, margin = self.ddp(x)
             loss = self.loss_fn(logits, y, margin, eps_t, **self._loss_options(t))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+            loss_value = loss.item()  # the one host sync for the loss per step
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "
                                          "lower optim.lr or eps.eps")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,7 +195,7 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             self.scheduler.step_update(self.step)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss_value * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
             k_max = margin.detach().max().item()
