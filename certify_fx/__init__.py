@@ -10,14 +10,23 @@ Training lives in :mod:`certify_fx.train` (recipes, trainer), :mod:`certify_fx.l
 :mod:`certify_fx.data`; models in :mod:`certify_fx.models` (registered with timm on import).
 """
 
-from .bounds import BoundCompiler, LipschitzBound, NodeBound, bound, register_function_rule, register_module_rule
-from .certify import Certificate, GloRo, bottom_logit, certified_radius, certify, verified_robust_accuracy
+from .bounds import (
+    BoundCompiler,
+    LipschitzBound,
+    NodeBound,
+    bound,
+    register_function_rule,
+    register_module_rule,
+    register_rule,
+)
+from .certify import Certificate, GloRo, bottom_logit, certified_radius, certify, check_bound, verified_robust_accuracy
 from .errors import (
     CertifyFxError,
     CheckpointError,
     DatasetNotFoundError,
     NotLipschitzError,
     RecipeError,
+    StaleBoundError,
     TraceError,
     UnsupportedNodeError,
 )
@@ -38,17 +47,20 @@ __all__ = [
     "NotLipschitzError",
     "RecipeError",
     "Rewrite",
+    "StaleBoundError",
     "TraceError",
     "UnsupportedNodeError",
     "bottom_logit",
     "bound",
     "certified_radius",
     "certify",
+    "check_bound",
     "convert",
     "create_loss",
     "load_converted",
     "register_function_rule",
     "register_module_rule",
+    "register_rule",
     "save_converted",
     "verified_robust_accuracy",
 ]

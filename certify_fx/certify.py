@@ -8,16 +8,67 @@ give a zero margin and never certify, and a zero constant with a zero margin (0/
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from .bounds.compiler import BoundCompiler, LipschitzBound
+from .bounds.compiler import FULL_PRECISION, BoundCompiler, LipschitzBound
+from .bounds.fingerprint import model_fingerprint
+from .errors import CertifyFxError, StaleBoundError, UnprovenBoundError
 from .tracing import configured_input_shape
 
-__all__ = ["Certificate", "GloRo", "bottom_logit", "certified_radius", "certify", "verified_robust_accuracy"]
+__all__ = ["Certificate", "GloRo", "bottom_logit", "certified_radius", "certify", "check_bound", "check_eps",
+           "round_up", "verified_robust_accuracy", "ROUNDING_SLACK_ULPS"]
+
+#: Logits are computed in floating point: a gap of a few units in the last place of the logits is
+#: treated as a tie, so rounding can never turn into a certified margin. The slack subtracted from
+#: each gap ``f_j - f_i`` is ``ROUNDING_SLACK_ULPS * eps(dtype) * (|f_j| + |f_i|)``.
+ROUNDING_SLACK_ULPS = 8
+
+
+def check_eps(eps: float) -> float:
+    """``eps`` as a float; raises unless it is a finite number >= 0."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise CertifyFxError(f"eps must be a number, got {eps!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise CertifyFxError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value
+
+
+def round_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast to ``dtype``, rounded up wherever the cast would round down (for upper bounds)."""
+    cast = t.to(dtype)
+    if cast.dtype == t.dtype:
+        return cast
+    below = cast.to(t.dtype) < t
+    return torch.where(below, torch.nextafter(cast, torch.full_like(cast, math.inf)), cast)
+
+
+def check_input_shape(bound: LipschitzBound, x: torch.Tensor) -> None:
+    """Raise :class:`StaleBoundError` unless the batch ``x`` has the input shape ``bound`` holds for."""
+    shape = tuple(x.shape[1:])
+    if tuple(bound.input_shape) != shape:
+        raise StaleBoundError(f"the bound was computed for inputs of shape {tuple(bound.input_shape)}, not "
+                              f"{shape}; compute it for this shape with certify_fx.bound(model, {shape})")
+
+
+def check_bound(model: nn.Module, bound: LipschitzBound, input_shape: tuple[int, ...]) -> None:
+    """Raise :class:`StaleBoundError` unless ``bound`` was proven for ``model`` as it is now and for
+    inputs of ``input_shape``."""
+    check_input_shape(bound, torch.empty(0, *input_shape, device="meta"))
+    if bound.fingerprint is None:
+        raise StaleBoundError("the bound does not record which model it was proven for; compute it with "
+                              "certify_fx.bound(model, input_shape)")
+    now = model_fingerprint(model)
+    if now != bound.fingerprint:
+        what = "structure" if now.structure != bound.fingerprint.structure else "weights"
+        raise StaleBoundError(f"the model's {what} changed since the bound was computed; compute it again with "
+                              "certify_fx.bound(model, input_shape)")
 
 
 @dataclass
@@ -43,7 +94,7 @@ class Certificate:
 
     def at(self, eps: float) -> torch.Tensor:
         """(N,) bool: robust at another radius, without recomputation."""
-        return self.radius > eps
+        return self.radius > check_eps(eps)
 
     def accuracy(self, labels: torch.Tensor) -> float:
         return (self.pred == labels.to(self.pred.device)).float().mean().item()
@@ -55,15 +106,32 @@ class Certificate:
 
 
 def certified_radius(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions and certified radii from logits (N, m) and margin constants K (m, m)."""
+    """Predictions and certified radii (float64) from logits (N, m) and margin constants K (m, m).
+
+    Everything is compared in float64 with a rounding slack (:data:`ROUNDING_SLACK_ULPS`). Fails
+    closed: a row of logits with a NaN/inf, or a NaN/inf anywhere in ``K``, gets radius 0; ties and
+    0/0 get radius 0. Half and bfloat16 logits are refused: their rounding is not covered.
+    """
+    if logits.dtype not in FULL_PRECISION:
+        raise CertifyFxError(f"logits are {logits.dtype}; certificates need float32 or float64 logits (half/bfloat16 "
+                             "rounding can flip a certified prediction). Certify model.float() instead")
     pred = logits.argmax(dim=1)
-    gap = logits.gather(1, pred[:, None]) - logits  # (N, m), >= 0
-    k = margin.to(logits)[pred]  # (N, m): K[j, i]
-    ratio = torch.where(k > 0, gap / k.clamp_min(torch.finfo(k.dtype).tiny),
-                        torch.where(gap > 0, torch.inf, 0.0))
+    values = logits.detach().to(torch.float64)
+    k = margin.detach().to(device=values.device, dtype=torch.float64)
+    top = values.gather(1, pred[:, None])
+    slack = ROUNDING_SLACK_ULPS * torch.finfo(logits.dtype).eps * (top.abs() + values.abs())
+    gap = top - values - slack  # (N, m)
+    k_pred = k[pred]  # (N, m): K[j, i]
+    ratio = torch.where(k_pred > 0, gap / k_pred.clamp_min(torch.finfo(torch.float64).tiny),
+                        torch.where(gap > 0, torch.inf, 0.0)).clamp_min(0.0)
     ratio = ratio.scatter(1, pred[:, None], torch.inf)  # exclude i == j by index, never by value
-    radius = ratio.amin(dim=1) if logits.shape[1] > 1 else torch.full_like(pred, torch.inf, dtype=logits.dtype)
-    return pred, torch.nan_to_num(radius, nan=0.0, posinf=torch.inf)
+    if logits.shape[1] > 1:
+        radius = ratio.amin(dim=1)
+    else:
+        radius = torch.full(pred.shape, torch.inf, dtype=torch.float64, device=values.device)
+    finite = torch.isfinite(values).all(dim=1) & bool(torch.isfinite(k).all())
+    radius = torch.where(finite, torch.nan_to_num(radius, nan=0.0, posinf=torch.inf), 0.0)
+    return pred, radius
 
 
 def _input_shape(model: nn.Module, x: torch.Tensor | None) -> tuple[int, ...]:
@@ -96,12 +164,20 @@ def certify(
 
     Raises:
         ValueError: the bound is not proven (``bound.sound`` False) and ``use_estimate`` is False.
+        StaleBoundError: ``bound`` was computed for another input shape, other weights or another
+            structure than ``model`` has now.
+        CertifyFxError: ``eps`` is not a finite number >= 0, or the logits are half/bfloat16.
     """
+    eps = check_eps(eps)
+    input_shape = tuple(x.shape[1:])
     if bound is None:
-        bound = BoundCompiler(model, tuple(x.shape[1:])).sound_bound(estimate_steps=100 if use_estimate else 0)
+        bound = BoundCompiler(model, input_shape).sound_bound(estimate_steps=100 if use_estimate else 0)
+    else:
+        check_bound(model, bound, input_shape)
     if not use_estimate and not bound.sound:
-        raise ValueError("the Lipschitz bound is not proven for every factor (bound.sound is False); "
-                         "refusing to certify. Pass use_estimate=True to certify with estimates")
+        reason = "it is not finite (NaN/inf weights?)" if not bound.finite else "not every factor is proven"
+        raise UnprovenBoundError(f"the Lipschitz bound is not proven ({reason}; bound.sound is False); refusing "
+                                 "to certify. Pass use_estimate=True to certify with estimates")
     margin = bound.estimate if use_estimate else bound.margin
     with torch.inference_mode():
         logits = model(x)
@@ -120,7 +196,7 @@ def verified_robust_accuracy(
 
     Returns ``{"clean_accuracy": a, "vra": {eps: v, ...}}``.
     """
-    eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
+    eps_list = [check_eps(eps)] if isinstance(eps, (int, float)) else [check_eps(e) for e in eps]
     correct, total, robust = 0, 0, {e: 0 for e in eps_list}
     for x, y in data:
         if device is not None:
@@ -145,7 +221,8 @@ class GloRo(nn.Module):
 
     In training mode ``K`` is the differentiable power-iteration estimate (``power_steps``
     iterations per forward, iterates persisted); in eval mode it is the proven bound, recomputed
-    only when the weights change.
+    whenever the weights change (any write, ``.data`` included). A changed structure (a replaced
+    submodule, a hook) is traced again; :meth:`predict` always certifies with the proven bound.
 
     Args:
         model: the classifier.
@@ -158,52 +235,67 @@ class GloRo(nn.Module):
     def __init__(self, model: nn.Module, eps: float, input_shape: tuple[int, ...] | None = None,
                  power_steps: int = 1) -> None:
         super().__init__()
-        self.model, self.eps, self.power_steps = model, float(eps), power_steps
+        self.model, self.eps, self.power_steps = model, check_eps(eps), power_steps
         self._compiler: BoundCompiler | None = None
-        self._cached: tuple[tuple, LipschitzBound] | None = None
-        try:
-            shape = _input_shape(model, None) if input_shape is None else tuple(input_shape)
-        except ValueError:
-            shape = None
+        self._cached: tuple[object, LipschitzBound] | None = None
+        shape = tuple(input_shape) if input_shape is not None else configured_input_shape(model)
         if shape is not None:
             self._compile(shape)
 
     def _compile(self, shape: tuple[int, ...]) -> BoundCompiler:
         self._compiler = BoundCompiler(self.model, shape)
+        self._cached = None
         return self._compiler
 
-    def _fingerprint(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
+    @property
+    def compiler(self) -> BoundCompiler:
+        """The bound compiler for the model's current structure (its iterates are in ``state_dict``)."""
+        if self._compiler is None:
+            raise CertifyFxError("GloRo has no input shape yet: run one forward pass or pass input_shape")
+        if model_fingerprint(self.model, weights=False).structure != self._compiler.structure:
+            self._compile(self._compiler.input_shape)
+        return self._compiler
 
     def lipschitz_bound(self) -> LipschitzBound:
         """The proven bound for the current weights (cached until they change)."""
-        if self._compiler is None:
-            raise RuntimeError("run one forward pass or pass input_shape first")
-        key = self._fingerprint()
+        compiler = self.compiler
+        key = model_fingerprint(self.model)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self._compiler.sound_bound(estimate_steps=0))
+            self._cached = (key, compiler.sound_bound(estimate_steps=0))
         return self._cached[1]
 
     def margin(self) -> torch.Tensor:
         """(m, m) margin constants: differentiable estimate in training, proven bound in eval."""
         if self.training:
-            return self._compiler.estimate(steps=self.power_steps)
+            return self.compiler.estimate(steps=self.power_steps)
         return self.lipschitz_bound().margin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_shape(self, x: torch.Tensor) -> None:
+        shape = tuple(x.shape[1:])
         if self._compiler is None:
-            self._compile(tuple(x.shape[1:]))
+            self._compile(shape)
+        elif shape != self._compiler.input_shape:
+            raise StaleBoundError(f"this GloRo net was compiled for inputs of shape {self._compiler.input_shape}, "
+                                  f"not {shape}; build a GloRo net for that shape")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_shape(x)
         logits = self.model(x)
         return torch.cat([logits, bottom_logit(logits, self.margin(), self.eps)[:, None]], dim=1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted classes, with ``m`` (the bottom class) where the prediction is not certified."""
-        out = self.forward(x)
-        m = out.shape[1] - 1
-        pred = out[:, :m].argmax(dim=1)
-        robust = out.gather(1, pred[:, None])[:, 0] > out[:, m]
-        return torch.where(robust, pred, torch.full_like(pred, m))
+        """Predicted classes, with ``m`` (the bottom class) where the prediction is not certified.
+
+        Always certifies with the proven bound, in training mode too.
+        """
+        self._check_shape(x)
+        bound = self.lipschitz_bound()
+        if not bound.sound:
+            raise CertifyFxError("the Lipschitz bound is not proven for every factor; refusing to certify")
+        pred, radius = certified_radius(self.model(x), bound.margin)
+        m = bound.num_classes
+        return torch.where(radius > self.eps, pred, torch.full_like(pred, m))
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, power_steps={self.power_steps}"
@@ -212,6 +304,7 @@ class GloRo(nn.Module):
 def bottom_logit(logits: torch.Tensor, margin: torch.Tensor, eps: float) -> torch.Tensor:
     """``max_{i != j} f_i + eps * K[j, i]`` with ``j = argmax f`` (masked by index)."""
     pred = logits.argmax(dim=1)
-    shifted = logits + eps * margin.to(logits)[pred]
+    k = round_up(margin, logits.dtype) if margin.dtype == torch.float64 and not margin.requires_grad else margin
+    shifted = logits + eps * k.to(logits.device)[pred]
     shifted = shifted.scatter(1, pred[:, None], -torch.inf)
     return shifted.amax(dim=1)

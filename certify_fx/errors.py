@@ -12,6 +12,8 @@ __all__ = [
     "DatasetNotFoundError",
     "NotLipschitzError",
     "RecipeError",
+    "StaleBoundError",
+    "UnprovenBoundError",
     "TraceError",
     "UnsupportedNodeError",
 ]
@@ -53,3 +55,12 @@ class DatasetNotFoundError(CertifyFxError, FileNotFoundError):
 
 class CheckpointError(CertifyFxError):
     """A checkpoint is missing, truncated, corrupt, or not a certify-fx training checkpoint."""
+
+
+class StaleBoundError(CertifyFxError, ValueError):
+    """A bound is used for another model than it was proven for: other weights, another structure,
+    or another input shape."""
+
+
+class UnprovenBoundError(CertifyFxError, ValueError):
+    """A bound some factor of which is not proven (an estimate, or NaN/inf): it certifies nothing."""

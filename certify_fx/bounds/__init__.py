@@ -3,7 +3,7 @@
 from .compiler import BoundCompiler, LipschitzBound, NodeBound, bound
 from .norms import NormBound, conv2d_norm_bound, dense_norm_bound
 from .power_iteration import PowerIteration, power_iteration
-from .rules import register_function_rule, register_module_rule
+from .registry import register_function_rule, register_module_rule, register_rule
 
 __all__ = [
     "BoundCompiler",
@@ -17,4 +17,5 @@ __all__ = [
     "power_iteration",
     "register_function_rule",
     "register_module_rule",
+    "register_rule",
 ]

@@ -1,17 +1,20 @@
 """The bound compiler: per-margin Lipschitz constants ``K[i, j]`` from a torch.fx graph.
 
-:func:`bound` traces the model, propagates shapes once, and then *abstractly interprets* the
-graph: nodes that do not depend on the input are computed for real (weights, normalised weights,
-shapes), while every input-dependent tensor is represented as a sum of linear operators applied
-to earlier "sources" (the input, or the output of a nonlinearity). Linear stretches are folded
-(:mod:`.operators`) and only bounded where a nonlinearity or the output consumes them:
+:func:`bound` traces the model and classifies every node by dataflow from the input
+(:mod:`.dependence`): nodes that provably do not depend on the input are computed for real
+(weights, normalised weights), nodes that depend only on its shape take their value from one
+example run, and every input-dependent node goes through its rule (:mod:`.registry`, families in
+:mod:`.rules`) or is refused. Input-dependent tensors are represented as sums of linear operators
+applied to earlier "sources" (the input, or the output of a nonlinearity). Linear stretches are
+folded (:mod:`.operators`) and only bounded where a nonlinearity or the output consumes them:
 
 * at a nonlinearity ``v = act(u)``: ``K(v) = c_act * sum_s ||A_us|| K(s)``;
 * at the output ``f = sum_s A_s(s)``: ``K[i, j] = sum_s ||(e_i - e_j)^T A_s|| K(s)``, exact from the
   Gram matrix of the last dense layer when ``A_s`` ends in one.
 
-Unknown operations raise :class:`~certify_fx.errors.UnsupportedNodeError`: nothing is assumed
-1-Lipschitz.
+Before evaluating, the compiler refuses what the graph hides: forward hooks, in-place writes that
+are read again, random operations. Any failure names the node, its op and the fix; nothing is
+assumed 1-Lipschitz.
 """
 
 from __future__ import annotations
@@ -25,51 +28,22 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import UnsupportedNodeError
+from ..errors import CertifyFxError, UnsupportedNodeError
 from ..tracing import example_input, trace
+from . import registry, rules
+from .dependence import Dependence, check_hooks, check_mutations, input_dependence
+from .fingerprint import Fingerprint, model_fingerprint
 from .norms import SAFETY, NormBound
-from .power_iteration import power_iteration
 from .operators import Compose, Dense, Identity, LinearOperator, compose, has_exact_bound, materialized_bound
+from .power_iteration import power_iteration
+from .values import Lipschitz, NodeBound, Refused, Shape, Tracked, TupleResult, find_refused, has_tracked
 
-__all__ = ["Tracked", "NodeBound", "LipschitzBound", "BoundCompiler", "bound"]
+__all__ = ["Tracked", "NodeBound", "LipschitzBound", "BoundCompiler", "bound", "Recording", "record", "linear_form"]
 
-Shape = tuple[int, ...]
 _EXAMPLE_BATCH = 2
-
-
-@dataclass
-class Tracked:
-    """An input-dependent tensor: ``sum_s form[s](value of source s)`` plus a constant."""
-
-    shape: Shape
-    form: dict[str, LinearOperator]
-
-
-@dataclass(frozen=True)
-class NodeBound:
-    """One row of the per-node breakdown.
-
-    ``factor`` is what this node multiplies the Lipschitz constant by (a folded operator's norm
-    bound, or an activation's constant); ``lipschitz`` is the resulting bound w.r.t. the input.
-    """
-
-    node: str
-    op: str
-    kind: str  # input | linear | activation | output
-    factor: float
-    factor_estimate: float
-    lipschitz: float
-    lipschitz_estimate: float
-    method: str
-    sound: bool
-
-
-@dataclass
-class _Lip:
-    bound: float
-    estimate: Any  # float, or a differentiable tensor when training
-    sound: bool = True
-    method: str = "exact"
+_CALLS = ("call_function", "call_method", "call_module")
+#: dtypes an input-dependent tensor may have: the bound assumes (at least) float32 arithmetic.
+FULL_PRECISION = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -77,11 +51,14 @@ class LipschitzBound:
     """Margin Lipschitz constants of a classifier, with how they were obtained.
 
     Attributes:
-        margin: (m, m) tensor; ``margin[i, j]`` bounds the Lipschitz constant of ``f_i - f_j``.
+        margin: (m, m) float64 tensor; ``margin[i, j]`` bounds the Lipschitz constant of ``f_i - f_j``.
         estimate: the power-iteration counterpart of ``margin`` (same formula, estimated norms).
         penultimate: bound on the Lipschitz constant of the input to the last dense layer.
         sound: True only if every factor is a proven upper bound.
         nodes: per-node breakdown.
+        input_shape: the one-input shape the bound holds for.
+        fingerprint: the model (structure and weights) it was proven for; certification refuses
+            the bound for any other.
     """
 
     margin: torch.Tensor
@@ -90,6 +67,7 @@ class LipschitzBound:
     sound: bool
     nodes: list[NodeBound] = field(default_factory=list)
     input_shape: Shape = ()
+    fingerprint: Fingerprint | None = None
 
     @property
     def num_classes(self) -> int:
@@ -98,6 +76,11 @@ class LipschitzBound:
     @property
     def max_margin(self) -> float:
         return float(self.margin.max())
+
+    @property
+    def finite(self) -> bool:
+        """False if any constant is NaN or infinite (then nothing can be certified with it)."""
+        return bool(torch.isfinite(self.margin).all())
 
     @property
     def tightness(self) -> float:
@@ -111,6 +94,8 @@ class LipschitzBound:
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
             "sound": self.sound,
+            "finite": self.finite,
+            "fingerprint": str(self.fingerprint) if self.fingerprint else None,
             "penultimate": self.penultimate,
             "max_margin": self.max_margin,
             "margin": self.margin.tolist(),
@@ -123,6 +108,8 @@ def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
     """The node's operation and, for functions, the module whose forward called it."""
     if node.op == "call_module":
         return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"
+    if node.op in ("placeholder", "get_attr", "output"):
+        return node.op
     name = f"Tensor.{node.target}" if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
     stack = node.meta.get("nn_module_stack")
     if stack:
@@ -131,187 +118,301 @@ def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
     return name
 
 
+def _node_error(gm: fx.GraphModule, node: fx.Node | None, reason: str, fix: str | None = None,
+                error: type[UnsupportedNodeError] = UnsupportedNodeError) -> UnsupportedNodeError:
+    if node is None:
+        return error("<model>", type(gm).__name__, reason, fix)
+    return error(node.name, _target_name(node, gm), reason, fix)
+
+
 def _float(value: Any) -> float:
     return float(value.detach().max()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _has_tracked(obj: Any) -> bool:
-    if isinstance(obj, Tracked):
-        return True
-    if isinstance(obj, (tuple, list)):
-        return any(_has_tracked(o) for o in obj)
-    if isinstance(obj, dict):
-        return any(_has_tracked(o) for o in obj.values())
-    return False
+@dataclass
+class Recording:
+    """One example run: per-node shapes and dtypes of tensors, values of shape-only nodes, and the
+    dependence class of every node."""
+
+    shapes: dict[str, Shape]
+    dtypes: dict[str, torch.dtype]
+    values: dict[str, Any]
+    dependence: dict[fx.Node, Dependence]
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph once on an example batch and records each node's output shape/value."""
+    """Runs the graph once on an example batch and records what :class:`Recording` holds."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, dependence: dict[fx.Node, Dependence]) -> None:
         super().__init__(gm)
         self.extra_traceback = False
-        self.shapes: dict[str, Shape] = {}
-        self.values: dict[str, Any] = {}
+        self.dependence = dependence
+        self.recording = Recording({}, {}, {}, dependence)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
         except Exception as exc:
-            raise UnsupportedNodeError(
-                n.name, _target_name(n, self.module), f"failed on an example input: {type(exc).__name__}: {exc}",
-                "check input_shape, or that the module accepts a batch of that shape",
-            ) from exc
+            raise _node_error(self.module, n, f"failed on an example input: {type(exc).__name__}: {exc}",
+                              "check input_shape, or that the module accepts a batch of that shape") from exc
         if isinstance(result, torch.Tensor):
-            self.shapes[n.name] = tuple(result.shape)
-        else:
-            self.values[n.name] = result
+            self.recording.shapes[n.name] = tuple(result.shape)
+            self.recording.dtypes[n.name] = result.dtype
+        elif isinstance(result, (tuple, list)):
+            for i, part in enumerate(result):
+                if isinstance(part, torch.Tensor):
+                    self.recording.shapes[f"{n.name}.{i}"] = tuple(part.shape)
+                    self.recording.dtypes[f"{n.name}.{i}"] = part.dtype
+        if self.dependence.get(n) == Dependence.SHAPE:
+            self.recording.values[n.name] = result
         return result
 
 
+def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Recording:
+    """Run ``gm`` once on an example batch (batch 2); buffers (BatchNorm statistics) are restored."""
+    dependence = input_dependence(gm)
+    recorder = _Recorder(gm, dependence)
+    params = next(iter(gm.parameters()), None)
+    dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
+    device = params.device if params is not None else "cpu"
+    saved = [b.detach().clone() for b in gm.buffers()]
+    try:
+        with torch.no_grad():
+            recorder.run(example_input(tuple(input_shape), _EXAMPLE_BATCH, dtype, device))
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(gm.buffers(), saved):
+                buffer.copy_(value)
+    return recorder.recording
+
+
+def check_graph(model: nn.Module, gm: fx.GraphModule, recording: Recording) -> None:
+    """Refuse what the graph hides: hooks, random ops, in-place writes that are read again."""
+
+    def fail(node, reason, fix=None):
+        raise _node_error(gm, node, reason, fix)
+
+    check_hooks(model, gm, fail)
+    for node in gm.graph.nodes:
+        random = ((node.op == "call_function" and node.target in rules.refusals.RANDOM_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in rules.refusals.RANDOM_METHODS)
+                  or (node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                              rules.refusals.RANDOM_MODULES)
+                      and gm.get_submodule(node.target).training))
+        if random:
+            fail(node, "a random operation makes the model more than one function, so no certificate holds",
+                 "remove it, or call model.eval()")
+    check_mutations(gm, recording.dependence, recording.shapes, fail)
+
+
 class Evaluator(fx.Interpreter):
-    """Abstract interpreter computing Lipschitz bounds; rules in :mod:`.rules` extend it.
+    """Abstract interpreter computing Lipschitz bounds; the rules (:mod:`.rules`) extend it.
 
     Args:
         gm: the traced model.
-        shapes: per-node output shapes from an example batch (batch dim included).
-        values: per-node non-tensor outputs (sizes, flags) from the same run.
+        recording: shapes, dtypes, shape-only values and dependence from an example run.
         norm: computes (bound, estimate) of a linear operator; keyed for persisted iterates.
+        margin: computes the output's margin constants.
+        logits: whether the output must be (batch, classes) logits.
     """
 
-    def __init__(self, gm: fx.GraphModule, shapes: dict[str, Shape], values: dict[str, Any],
-                 norm: Callable[[LinearOperator, str], _Lip], margin: Callable[[LinearOperator, str], tuple],
-                 logits: bool = True) -> None:
+    def __init__(self, gm: fx.GraphModule, recording: Recording, norm: Callable[[LinearOperator, str], Lipschitz],
+                 margin: Callable[[LinearOperator, str], tuple] | None, logits: bool = True) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.extra_traceback = False  # our errors already name the node
-        self.shapes, self.values = shapes, values
+        self.recording = recording
+        self.shapes = recording.shapes
         self._norm, self._margin = norm, margin
-        self.lipschitz: dict[str, _Lip] = {}
+        self.lipschitz: dict[str, Lipschitz] = {}
         self.rows: list[NodeBound] = []
-        self._consumed: dict[str, _Lip] = {}
         self.node: fx.Node | None = None
         self.output_margin: tuple | None = None
         self.logits = logits
         param = next(iter(gm.parameters()), None)
-        self.dtype = param.dtype if param is not None else torch.get_default_dtype()
+        self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
+        self._first_placeholder = True
 
-    # -- helpers for rules ------------------------------------------------------------------
-    def shape(self, node: fx.Node | None = None) -> Shape:
-        """Output shape of ``node`` (default: the current node), without the batch dim."""
+    # -- the API rules use -----------------------------------------------------------------
+    def shape(self, node: fx.Node | None = None, part: int | None = None) -> Shape:
+        """Output shape of ``node`` (default: the current node), without the batch dim; ``part`` picks
+        one tensor of a tuple-valued result."""
         node = node or self.node
-        return self.shapes[node.name][1:]
+        key = node.name if part is None else f"{node.name}.{part}"
+        if key not in self.shapes:
+            self.fail("the operation does not return a tensor" + ("" if part is None else f" at position {part}"))
+        return self.shapes[key][1:]
 
     def fail(self, reason: str, fix: str | None = None, error: type[UnsupportedNodeError] = UnsupportedNodeError):
-        node = self.node
-        raise error(node.name, _target_name(node, self.module), reason, fix)
+        """Refuse the current node: raises ``error`` naming the node, its op, ``reason`` and ``fix``."""
+        raise _node_error(self.module, self.node, reason, fix, error)
 
     def linear(self, value: Tracked, op: LinearOperator) -> Tracked:
         """Apply a linear operator (built for ``value.shape``) to a tracked value."""
+        if not isinstance(value, Tracked):
+            self.fail(f"expected an input-dependent tensor, got {type(value).__name__}")
+        if tuple(op.in_shape) != tuple(value.shape):
+            self.fail(f"operator for shape {op.in_shape} applied to a value of shape {value.shape}")
         return Tracked(op.out_shape, {s: compose(op, a) for s, a in value.form.items()})
 
-    def lipschitz_of(self, value: Tracked, name: str) -> _Lip:
-        """Bound and estimate of the Lipschitz constant of ``value`` w.r.t. the input."""
-        if name in self._consumed:
-            return self._consumed[name]
-        total = _Lip(0.0, 0.0, True)
-        factors: list[tuple[_Lip, NormBound]] = []
+    def nonlinear(self, value: Tracked, constant: float, what: str | None = None, part: int | None = None) -> Tracked:
+        """A nonlinearity with Lipschitz constant ``constant``: the result (the node's output, or its
+        tuple element ``part``) becomes a new source."""
+        if not isinstance(value, Tracked):
+            self.fail(f"expected an input-dependent tensor, got {type(value).__name__}")
+        constant = float(constant)
+        if not math.isfinite(constant) or constant < 0:
+            self.fail(f"the Lipschitz constant {constant} is not a finite number >= 0")
+        node = self.node
+        inner = self.lipschitz_of(value, value.origin or f"{node.name}.in")
+        source = node.name
+        while source in self.lipschitz:
+            source += "'"
+        lip = Lipschitz(constant * inner.bound, constant * inner.estimate, inner.sound)
+        self.lipschitz[source] = lip
+        self.rows.append(NodeBound(node.name, what or _target_name(node, self.module), "activation", constant, constant,
+                                   lip.bound, _float(lip.estimate), "exact", inner.sound))
+        shape = self.shape(part=part)
+        return Tracked(shape, {source: Identity(shape)}, origin=source)
+
+    def apply_module(self, module: nn.Module, value: Tracked) -> Tracked:
+        """Apply ``module``'s rule to ``value`` (for modules nested in a leaf, e.g. timm's BatchNormAct2d)."""
+        rule = registry.module_rule(module)
+        if rule is None:
+            self.fail(f"no Lipschitz rule for the nested module {type(module).__name__}",
+                      "replace it, or register one with certify_fx.bounds.register_module_rule")
+        return self.apply(rule, (value,), {}, module)
+
+    def apply(self, rule: registry.Rule, args: tuple, kwargs: dict, module: nn.Module | None = None) -> Any:
+        """Bind the call's arguments to the rule's signature, check which may carry the input, run it."""
+        fixed = (self, module) if rule.is_module else (self,)
+        try:
+            bound = rule.signature.bind(*fixed, *args, **kwargs)
+        except TypeError as exc:
+            self.fail(f"the call's arguments do not match what rule {rule.name} accounts for ({exc})",
+                      "pass only the documented arguments of this op, or register a rule that handles them")
+        for name, value in list(bound.arguments.items())[len(fixed):]:
+            refused = find_refused(value)
+            if refused is not None:
+                self.fail(refused.reason, refused.fix)
+            if name not in rule.inputs and has_tracked(value):
+                allowed = ", ".join(f"'{i}'" for i in sorted(rule.inputs)) or "none"
+                self.fail(f"argument '{name}' depends on the input, but rule {rule.name} bounds only {allowed}",
+                          "make that argument a constant, or rewrite the op")
+        return rule.fn(*bound.args, **bound.kwargs)
+
+    def lipschitz_of(self, value: Tracked, name: str) -> Lipschitz:
+        """Bound and estimate of the Lipschitz constant of ``value`` w.r.t. the input (cached on it)."""
+        if value.lipschitz is not None:
+            return value.lipschitz
+        total = Lipschitz(0.0, 0.0, True)
+        factors: list[Lipschitz] = []
         methods, descriptions = set(), []
         for source, op in value.form.items():
+            lip = self.lipschitz[source]
             if isinstance(op, Identity):
-                lip = self.lipschitz[source]
-                total = _Lip(total.bound + lip.bound, total.estimate + lip.estimate, total.sound and lip.sound)
+                total = Lipschitz(total.bound + lip.bound, total.estimate + lip.estimate, total.sound and lip.sound)
                 continue
             norm = self._norm(op, f"{name}<-{source}")
-            lip = self.lipschitz[source]
-            total = _Lip(total.bound + norm.bound * lip.bound, total.estimate + norm.estimate * lip.estimate,
-                         total.sound and norm.sound and lip.sound)
-            factors.append((norm, None))
+            total = Lipschitz(total.bound + norm.bound * lip.bound, total.estimate + norm.estimate * lip.estimate,
+                              total.sound and norm.sound and lip.sound)
+            factors.append(norm)
             methods.add(norm.method)
             descriptions.append(op.describe())
         if factors:
             single = len(value.form) == 1
             self.rows.append(NodeBound(
                 name, "; ".join(descriptions), "linear",
-                factors[0][0].bound if single else math.nan,
-                _float(factors[0][0].estimate) if single else math.nan,
+                factors[0].bound if single else math.nan,
+                _float(factors[0].estimate) if single else math.nan,
                 total.bound, _float(total.estimate), "+".join(sorted(m for m in methods if m)) or "exact", total.sound,
             ))
-        self._consumed[name] = total
+        value.lipschitz = total
         return total
-
-    def nonlinear(self, value: Tracked, constant: float, arg_node: fx.Node | None, what: str | None = None) -> Tracked:
-        """A nonlinearity with Lipschitz constant ``constant``: the result becomes a new source."""
-        node = self.node
-        inner = self.lipschitz_of(value, arg_node.name if arg_node is not None else node.name + ".in")
-        lip = _Lip(constant * inner.bound, constant * inner.estimate, inner.sound)
-        self.lipschitz[node.name] = lip
-        self.rows.append(NodeBound(node.name, what or _target_name(node, self.module), "activation", constant, constant,
-                                   lip.bound, _float(lip.estimate), "exact", inner.sound))
-        shape = self.shape()
-        return Tracked(shape, {node.name: Identity(shape)})
 
     # -- interpreter -----------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
         self.node = n
-        return super().run_node(n)
+        try:
+            if n.op in _CALLS:
+                level = self.recording.dependence[n]
+                if level == Dependence.SHAPE:
+                    return self.recording.values[n.name]
+                if level == Dependence.INPUT:
+                    return self._input_dependent(n)
+            return super().run_node(n)
+        except CertifyFxError:
+            raise
+        except Exception as exc:  # a rule's own failure: refuse the node, never a raw traceback
+            raise _node_error(self.module, n, f"could not be bounded ({type(exc).__name__}: {exc})",
+                              "rewrite the operation with supported ones") from exc
+
+    def _input_dependent(self, n: fx.Node) -> Any:
+        if not n.users:
+            return None  # dead code: nothing reads it (side effects were checked by check_graph)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if n.op == "call_module":
+            module = self.fetch_attr(n.target)
+            rule = registry.module_rule(module)
+            if rule is None:
+                self.fail(f"no Lipschitz rule for module type {type(module).__module__}.{type(module).__name__}",
+                          "replace the module, or register a rule with certify_fx.bounds.register_module_rule")
+        else:
+            module = None
+            rule = registry.lookup(n.op, n.target)
+            if rule is None:
+                self.fail("no Lipschitz rule for this operation",
+                          "rewrite it with supported ops, or register one with certify_fx.bounds.register_rule")
+        result = self.apply(rule, args, kwargs, module)
+        self._check_result(n, result)
+        return result
+
+    def _check_dtype(self, key: str) -> None:
+        dtype = self.recording.dtypes.get(key)
+        if dtype is not None and dtype not in FULL_PRECISION:
+            self.fail(f"the result is {dtype}; the bound holds for float32/float64 arithmetic only (rounding to "
+                      "lower precision or integers is not Lipschitz)",
+                      "remove the cast, or run the model in float32 (model.float())")
+
+    def _check_result(self, n: fx.Node, result: Any) -> None:
+        if isinstance(result, Tracked):
+            self._check_dtype(n.name)
+            recorded = self.shapes.get(n.name)
+            if recorded is None:
+                self.fail("the rule returned a tensor where the operation does not")
+            if recorded[0] != _EXAMPLE_BATCH:
+                self.fail("the operation mixes the batch dimension with other dimensions")
+            if tuple(result.shape) != tuple(recorded[1:]):
+                self.fail(f"the rule's result has shape {result.shape}, the operation's {recorded[1:]}")
+            if result.origin is None:
+                result.origin = n.name
+        elif isinstance(result, TupleResult):
+            for i, part in enumerate(result):
+                if isinstance(part, Tracked):
+                    self._check_dtype(f"{n.name}.{i}")
+                if isinstance(part, Tracked) and tuple(part.shape) != self.shape(part=i):
+                    self.fail(f"the rule's result {i} has shape {part.shape}, the operation's {self.shape(part=i)}")
+        elif not isinstance(result, Refused):
+            self.fail(f"the operation returns a {type(result).__name__} that depends on the input's values")
 
     def placeholder(self, target, args, kwargs):
-        node = self.node
-        if any(self.lipschitz):  # only the first placeholder is the certified input
+        if not self._first_placeholder:  # only the first placeholder is the certified input
             if args:
                 return args[0]
             self.fail("models with more than one tensor input are not supported")
+        self._first_placeholder = False
         shape = self.shape()
-        self.lipschitz[node.name] = _Lip(1.0, 1.0, True)
-        self.rows.append(NodeBound(node.name, f"input {shape}", "input", 1.0, 1.0, 1.0, 1.0, "exact", True))
-        return Tracked(shape, {node.name: Identity(shape)})
-
-    def _dispatch(self, kind: str, target, args, kwargs):
-        from . import rules
-
         node = self.node
-        if node.name in self.values:  # a shape, size or flag: fixed once the input shape is
-            return self.values[node.name]
-        if kind == "call_module":
-            module = self.fetch_attr(target)
-            rule = rules.module_rule(module)
-            if rule is None:
-                self.fail(
-                    f"no Lipschitz rule for module type {type(module).__module__}.{type(module).__name__}",
-                    "replace the module, or register a rule with certify_fx.bounds.register_module_rule",
-                )
-            result = rule(self, node, module, args, kwargs)
-        else:
-            rule = (rules.FUNCTION_RULES if kind == "call_function" else rules.METHOD_RULES).get(target)
-            if rule is None:
-                self.fail(
-                    "no Lipschitz rule for this operation",
-                    "rewrite it with supported ops, or register one with certify_fx.bounds.register_function_rule",
-                )
-            result = rule(self, node, args, kwargs)
-        if isinstance(result, Tracked) and self.shapes.get(node.name, (None,))[0] != _EXAMPLE_BATCH:
-            self.fail("the operation mixes the batch dimension with other dimensions")
-        return result
-
-    def call_function(self, target, args, kwargs):
-        if _has_tracked((args, kwargs)):
-            return self._dispatch("call_function", target, args, kwargs)
-        return super().call_function(target, args, kwargs)
-
-    def call_method(self, target, args, kwargs):
-        if _has_tracked((args, kwargs)):
-            return self._dispatch("call_method", target, args, kwargs)
-        return super().call_method(target, args, kwargs)
-
-    def call_module(self, target, args, kwargs):
-        if _has_tracked((args, kwargs)):
-            return self._dispatch("call_module", target, args, kwargs)
-        return super().call_module(target, args, kwargs)
+        self.lipschitz[node.name] = Lipschitz(1.0, 1.0, True)
+        self.rows.append(NodeBound(node.name, f"input {shape}", "input", 1.0, 1.0, 1.0, 1.0, "exact", True))
+        return Tracked(shape, {node.name: Identity(shape)}, origin=node.name)
 
     def output(self, target, args, kwargs):
         (result,) = args
+        if isinstance(result, Refused):
+            self.fail(result.reason, result.fix)
         if not isinstance(result, Tracked):
-            self.fail("the model output must be one tensor of logits that depends on the input")
+            what = "a constant" if not has_tracked(result) else f"a {type(result).__name__}"
+            self.fail(f"the model returns {what}; certification needs one tensor of logits that depends on the input")
         if not self.logits:
             return result
         if len(result.shape) != 1:
@@ -336,6 +437,17 @@ class Evaluator(fx.Interpreter):
                                        _float(gram_bound) * rest.bound * lip.bound, _float(term),
                                        "gram", rest.sound and lip.sound))
         return bound, estimate, penultimate, sound
+
+
+def _check_input_shape(input_shape: Any) -> Shape:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(s <= 0 for s in shape) or tuple(input_shape) != shape:
+        raise CertifyFxError(f"input_shape must be one input's shape without the batch dim, a tuple of positive "
+                             f"ints such as (3, 32, 32); got {input_shape!r}")
+    return shape
 
 
 def _pairwise_distances(rows: torch.Tensor) -> torch.Tensor:
@@ -363,10 +475,14 @@ class BoundCompiler(nn.Module):
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], materialize_limit: int = 2048) -> None:
         super().__init__()
-        self.input_shape = tuple(input_shape)
+        self.input_shape = _check_input_shape(input_shape)
         self.materialize_limit = materialize_limit
-        self.__dict__["graph_module"] = trace(model)  # not a submodule: see the class docstring
-        self._shapes, self._values = record(self.graph_module, self.input_shape)
+        # not submodules: see the class docstring
+        self.__dict__["model"] = model
+        self.__dict__["graph_module"] = trace(model)
+        self.structure = model_fingerprint(model).structure
+        self._recording = record(self.graph_module, self.input_shape)
+        check_graph(model, self.graph_module, self._recording)
         self._iterate_names: dict[str, str] = {}
         with torch.no_grad():
             self.estimate(steps=0)  # discovers every operator and allocates its iterate
@@ -376,12 +492,12 @@ class BoundCompiler(nn.Module):
         small = max(math.prod(op.in_shape), math.prod(op.out_shape)) <= self.materialize_limit
         return small and not has_exact_bound(op)
 
-    def _sound_norm(self, steps: int, tol: float) -> Callable[[LinearOperator, str], _Lip]:
-        def norm(op: LinearOperator, key: str) -> _Lip:
+    def _sound_norm(self, steps: int, tol: float) -> Callable[[LinearOperator, str], Lipschitz]:
+        def norm(op: LinearOperator, key: str) -> Lipschitz:
             with torch.no_grad():
                 b = materialized_bound(op) if self._materialize(op) else op.upper_bound()
                 est = self._estimate(op, key, steps, tol, persist=False).item() if steps else math.nan
-            return _Lip(b.value, est, b.sound, b.method)
+            return Lipschitz(b.value, est, b.sound, b.method)
 
         return norm
 
@@ -405,14 +521,14 @@ class BoundCompiler(nn.Module):
             vector.copy_(updated)
         return sigma
 
-    def _margin_fn(self, sound: bool, norm: Callable[[LinearOperator, str], _Lip]):
+    def _margin_fn(self, sound: bool, norm: Callable[[LinearOperator, str], Lipschitz]):
         def margin(op: LinearOperator, key: str):
             m = op.out_shape[0]
             if sound and m * math.prod(op.in_shape) <= self.materialize_limit * 2**14:
                 # rows a_i = A^T e_i, exactly: ||(e_i - e_j)^T A|| = ||a_i - a_j||
                 rows = op.to(torch.float64).adjoint(torch.eye(m, dtype=torch.float64)).reshape(m, -1)
                 dist = _pairwise_distances(rows) * (1 + SAFETY)
-                return dist, dist, _Lip(1.0, 1.0, True, "exact"), f"rows of {op.describe()}"
+                return dist, dist, Lipschitz(1.0, 1.0, True, "exact"), f"rows of {op.describe()}"
             ops = op.ops if isinstance(op, Compose) else [op]
             head = ops[-1]
             if isinstance(head, Dense) and len(head.in_shape) == 1:
@@ -421,7 +537,7 @@ class BoundCompiler(nn.Module):
                 dist = _pairwise_distances(weight)
                 dist_bound = dist.detach().to(torch.float64) * (1 + SAFETY)
                 if not rest_ops:
-                    return dist_bound, dist, _Lip(1.0, 1.0, True), head.describe()
+                    return dist_bound, dist, Lipschitz(1.0, 1.0, True), head.describe()
                 rest = rest_ops[0] if len(rest_ops) == 1 else Compose(rest_ops)
                 return dist_bound, dist, norm(rest, key), f"{head.describe()} . {rest.describe()}"
             # ||(e_i - e_j)^T A|| <= sqrt(2) ||A||
@@ -432,7 +548,7 @@ class BoundCompiler(nn.Module):
 
     # -- evaluation ------------------------------------------------------------------------
     def _run(self, norm, margin) -> tuple[Evaluator, tuple]:
-        evaluator = Evaluator(self.graph_module, self._shapes, self._values, norm, margin)
+        evaluator = Evaluator(self.graph_module, self._recording, norm, margin)
         evaluator.run(torch.empty(0))  # the placeholder value is never used
         return evaluator, evaluator.output_margin
 
@@ -447,38 +563,23 @@ class BoundCompiler(nn.Module):
         estimate.fill_diagonal_(0)
         if not estimate_steps:
             estimate.fill_(math.nan)
-        return LipschitzBound(margin.float(), estimate.float(), penultimate, sound, evaluator.rows, self.input_shape)
+        sound = sound and bool(torch.isfinite(margin).all())  # NaN/inf weights: nothing is proven
+        fingerprint = model_fingerprint(self.model)
+        if fingerprint.structure != self.structure:
+            raise CertifyFxError("the model's structure changed since it was traced (a replaced submodule, a "
+                                 "changed attribute, train/eval mode, a hook); compile it again")
+        return LipschitzBound(margin, estimate, penultimate, sound, evaluator.rows, self.input_shape, fingerprint)
 
     def estimate(self, steps: int = 1, tol: float | None = None) -> torch.Tensor:
         """Differentiable (m, m) margin estimate from persisted power-iteration iterates (training)."""
 
-        def norm(op: LinearOperator, key: str) -> _Lip:
+        def norm(op: LinearOperator, key: str) -> Lipschitz:
             sigma = self._estimate(op, key, steps, tol, persist=True)
-            return _Lip(math.nan, sigma, False, "power-iteration")
+            return Lipschitz(math.nan, sigma, False, "power-iteration")
 
         _, (_, estimate, _, _) = self._run(norm, self._margin_fn(False, norm))
         mask = 1 - torch.eye(estimate.shape[0], dtype=estimate.dtype, device=estimate.device)
         return estimate * mask
-
-
-def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[dict[str, Shape], dict[str, Any]]:
-    """Run ``gm`` once on an example batch (batch 2) and return per-node shapes and non-tensor values.
-
-    Buffers (BatchNorm running statistics) are restored afterwards.
-    """
-    recorder = _Recorder(gm)
-    params = next(iter(gm.parameters()), None)
-    dtype = params.dtype if params is not None else torch.float32
-    device = params.device if params is not None else "cpu"
-    saved = [b.detach().clone() for b in gm.buffers()]
-    try:
-        with torch.no_grad():
-            recorder.run(example_input(tuple(input_shape), _EXAMPLE_BATCH, dtype, device))
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(gm.buffers(), saved):
-                buffer.copy_(value)
-    return recorder.shapes, recorder.values
 
 
 def linear_form(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Tracked:
@@ -487,12 +588,13 @@ def linear_form(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Tracked:
     The result's ``form`` has the input placeholder as its only source exactly when the graph is
     affine in its input; used by the folding passes of :mod:`certify_fx.transforms`.
     """
-    shapes, values = record(gm, input_shape)
+    recording = record(gm, _check_input_shape(input_shape))
+    check_graph(gm, gm, recording)
 
-    def no_norm(op: LinearOperator, key: str) -> _Lip:
-        return _Lip(math.nan, math.nan, False)
+    def no_norm(op: LinearOperator, key: str) -> Lipschitz:
+        return Lipschitz(math.nan, math.nan, False)
 
-    evaluator = Evaluator(gm, shapes, values, no_norm, None, logits=False)
+    evaluator = Evaluator(gm, recording, no_norm, None, logits=False)
     with torch.no_grad():
         return evaluator.run(torch.empty(0))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ __all__ = [
     "Reduce",
     "Conv2d",
     "Dense",
+    "NonnegativeMap",
+    "TransposedConv2d",
     "Compose",
     "Sum",
     "Concat",
@@ -353,6 +355,71 @@ class Dense(LinearOperator):
 
     def describe(self):
         return f"dense {self.weight.shape[1]}->{self.weight.shape[0]}"
+
+
+@dataclass
+class NonnegativeMap(LinearOperator):
+    """A linear map with nonnegative coefficients given as a function: flips, rolls, repeats, pixel
+    (un)shuffles, nearest and (bi)linear resampling.
+
+    Bounded by the Schur test, ``||A||_2 <= sqrt(||A||_1 ||A||_inf)``, whose two factors are for a
+    nonnegative ``A`` the largest entries of ``A 1`` and ``A^T 1``; it is exact for maps that copy
+    each output from one input (``sqrt`` of the largest copy count). The adjoint comes from autograd.
+    """
+
+    in_shape: Shape
+    out_shape: Shape
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    name: str = "map"
+
+    def apply(self, x):
+        return self.fn(x)
+
+    def adjoint(self, y):
+        with torch.enable_grad():
+            x = torch.zeros(y.shape[0], *self.in_shape, dtype=y.dtype, device=y.device, requires_grad=True)
+            (grad,) = torch.autograd.grad(self.fn(x), x, y, create_graph=y.requires_grad)
+        return grad
+
+    def upper_bound(self):
+        with torch.no_grad():
+            rows = self.fn(torch.ones(1, *self.in_shape, dtype=torch.float64)).max().item()
+            cols = self.adjoint(torch.ones(1, *self.out_shape, dtype=torch.float64)).max().item()
+        return NormBound(math.sqrt(max(rows, 0.0) * max(cols, 0.0)) * (1 + SAFETY), True, "schur")
+
+    def describe(self):
+        return self.name
+
+
+@dataclass
+class TransposedConv2d(LinearOperator):
+    """``conv_transpose2d``: exactly the adjoint of ``conv`` (a :class:`Conv2d` from this map's output
+    shape to its input shape), so it has the same norm and the same sound bound."""
+
+    conv: Conv2d
+
+    @property
+    def in_shape(self) -> Shape:  # type: ignore[override]
+        return self.conv.out_shape
+
+    @property
+    def out_shape(self) -> Shape:  # type: ignore[override]
+        return self.conv.in_shape
+
+    def apply(self, x):
+        return self.conv.adjoint(x)
+
+    def adjoint(self, y):
+        return self.conv.apply(y)
+
+    def upper_bound(self):
+        return self.conv.upper_bound()
+
+    def to(self, dtype):
+        return TransposedConv2d(self.conv.to(dtype))
+
+    def describe(self):
+        return f"transposed {self.conv.describe()}"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..bounds.compiler import LipschitzBound
-from ..certify import certified_radius
+from ..certify import certified_radius, check_bound, check_input_shape
 from .distributed import DistributedContext, all_reduce_sum
 
 __all__ = ["CertifiedEvaluation", "evaluate_certified"]
@@ -46,6 +46,7 @@ def evaluate_certified(model: nn.Module, bound: LipschitzBound, dataset: Dataset
     loader = DataLoader(shard, batch_size=batch_size)
     was_training = model.training
     model.eval()
+    check_bound(model, bound, tuple(bound.input_shape))
     margin = bound.margin.to(ctx.device)
     correct = total = 0
     robust = [0] * len(eps)
@@ -53,7 +54,8 @@ def evaluate_certified(model: nn.Module, bound: LipschitzBound, dataset: Dataset
     task = progress.add_task("certify", total=len(loader)) if progress is not None else None
     for x, y in loader:
         x, y = x.to(ctx.device), y.to(ctx.device)
-        pred, radius = certified_radius(model(x).float(), margin)
+        check_input_shape(bound, x)
+        pred, radius = certified_radius(model(x), margin)
         hit = pred == y
         correct += int(hit.sum())
         total += len(y)

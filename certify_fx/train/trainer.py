@@ -145,7 +145,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
-            "bound": self.gloro._compiler.state_dict(),
+            "bound": self.gloro.compiler.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
         }
@@ -153,7 +153,7 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.resumed_changes = _changed_keys(state["recipe"], self.recipe.to_dict())
         self.model.load_state_dict(state["model"])
-        self.gloro._compiler.load_state_dict(state["bound"])
+        self.gloro.compiler.load_state_dict(state["bound"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
         if self.step != self.epoch * self.steps_per_epoch:
@@ -206,7 +206,7 @@ class Trainer:
             progress.remove_task(task)
         if r.bound.converge_steps:
             with torch.no_grad():  # GloRo App. B: iterates converge once per epoch
-                k_max = self.gloro._compiler.estimate(steps=r.bound.converge_steps, tol=1e-6).max().item()
+                k_max = self.gloro.compiler.estimate(steps=r.bound.converge_steps, tol=1e-6).max().item()
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.ctx)
         return {"loss": loss_sum / count, "train_accuracy": correct / count, "eps_train": eps_t,
                 "K_estimate": k_max, "lr": self.optimizer.param_groups[0]["lr"]}

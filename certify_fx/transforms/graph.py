@@ -55,7 +55,7 @@ ACTIVATION_MODULES = ACTIVATION_MODULES + _timm_activation_types()
 def annotate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     """Store each node's output shape (batch 2) in ``node.meta['shape']`` and whether it depends
     on the input in ``node.meta['dynamic']``."""
-    shapes, _ = record(gm, input_shape)
+    shapes = record(gm, input_shape).shapes
     first = True
     for node in gm.graph.nodes:
         node.meta["shape"] = shapes.get(node.name)

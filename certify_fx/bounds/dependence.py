@@ -1,0 +1,250 @@
+"""What depends on the input, and what the graph hides: the compiler's acceptance checks.
+
+* :func:`input_dependence` is a dataflow analysis from the certified input (the first placeholder).
+  A node is ``CONST`` only if no path leads to it from the input, ``SHAPE`` if the input reaches it
+  only through its shape, dtype or device (``x.size(1)``, ``zeros_like(x)``, ``c.expand_as(x)``;
+  fixed once the input shape is), and ``INPUT`` otherwise. Only ``CONST`` and ``SHAPE`` nodes may be
+  evaluated on an example and used as values; every ``INPUT`` node, tuple-valued or not, goes
+  through a rule or is refused.
+* :func:`check_mutations` proves that an in-place op (``relu_``, ``x += y``, ``ReLU(inplace=True)``)
+  mutates a tensor that nothing reads afterwards through an older handle, so treating the op as
+  its functional form is exact; otherwise the op is refused.
+* :func:`check_hooks` refuses forward hooks the traced graph does not contain (on the root module
+  and on leaf modules; hooks of traced-through modules are part of the graph).
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import registry
+
+__all__ = ["Dependence", "input_dependence", "check_mutations", "check_hooks", "mutated_argument"]
+
+
+class Dependence(enum.IntEnum):
+    CONST = 0  # no path from the input
+    SHAPE = 1  # depends on the input's shape, dtype or device only
+    INPUT = 2  # depends on the input's values
+
+
+SHAPE_ATTRIBUTES = frozenset({
+    "shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized", "is_meta",
+    "is_floating_point", "requires_grad",
+})
+
+_SELF = frozenset({0, "input", "self"})
+_OTHER = frozenset({1, "other"})
+#: ops whose listed arguments are read only for their shape, dtype or device.
+SHAPE_ONLY_ARGUMENTS: dict[Any, frozenset] = {
+    **{m: _SELF for m in ("size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device",
+                          "is_contiguous", "is_floating_point", "is_complex", "new_zeros", "new_ones", "new_empty",
+                          "new_full", "new_tensor", "is_nonzero_size")},
+    **{m: _OTHER for m in ("expand_as", "view_as", "reshape_as", "type_as")},
+    **{f: _SELF for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.numel, len)},
+}
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.setitem,
+}
+
+
+def _argument_items(node: fx.Node):
+    for i, a in enumerate(node.args):
+        yield i, a
+    yield from node.kwargs.items()
+
+
+def _nodes_in(obj: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(obj, lambda n: found.append(n) or n)
+    return found
+
+
+def _shape_only(node: fx.Node) -> frozenset:
+    if node.op == "call_function" and node.target is getattr:
+        return _SELF if len(node.args) > 1 and node.args[1] in SHAPE_ATTRIBUTES else frozenset()
+    if node.op in ("call_function", "call_method"):
+        try:
+            return SHAPE_ONLY_ARGUMENTS.get(node.target, frozenset())
+        except TypeError:  # unhashable target
+            return frozenset()
+    return frozenset()
+
+
+def input_dependence(gm: fx.GraphModule) -> dict[fx.Node, Dependence]:
+    """Classify every node as ``CONST``, ``SHAPE`` or ``INPUT`` by dataflow from the first placeholder."""
+    dep: dict[fx.Node, Dependence] = {}
+    first = True
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            dep[node] = Dependence.INPUT if first else Dependence.CONST
+            first = False
+            continue
+        if node.op == "get_attr":
+            dep[node] = Dependence.CONST
+            continue
+        shape_only = _shape_only(node)
+        level = Dependence.CONST
+        for key, value in _argument_items(node):
+            for arg in _nodes_in(value):
+                d = dep[arg]
+                if d == Dependence.INPUT and key in shape_only:
+                    d = Dependence.SHAPE
+                level = max(level, d)
+        dep[node] = level
+    return dep
+
+
+# -- in-place ops ------------------------------------------------------------------------------
+
+
+def _binds_inplace(target: Callable, args: tuple, kwargs: dict) -> bool:
+    if kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(target).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def mutated_argument(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None | bool:
+    """The node an op writes into, ``None`` if it writes nothing, ``True`` if it writes somewhere else
+    (an ``out=`` tensor)."""
+    if "out" in node.kwargs:
+        return True
+    first = node.args[0] if node.args else None
+    if node.op == "call_method":
+        name = node.target
+        inplace = (name.endswith("_") and not name.startswith("__")) or name in {
+            "__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"}
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        inplace = (node.target in _INPLACE_OPERATORS
+                   or (name.endswith("_") and not name.startswith("_")
+                       and node.target in (getattr(torch, name, None), getattr(torch.nn.functional, name, None)))
+                   or _binds_inplace(node.target, node.args, node.kwargs))
+    elif node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        inplace = getattr(module, "inplace", False) is True
+        if first is None:
+            first = next(iter(node.kwargs.values()), None)
+    else:
+        return None
+    if not inplace:
+        return None
+    return first if isinstance(first, fx.Node) else None
+
+
+def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node``'s output may share storage with one of its tensor arguments."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    if isinstance(mutated_argument(node, gm), fx.Node):
+        return True  # an in-place op returns the tensor it wrote
+    rule = registry.lookup_node(node, gm)
+    return rule is None or rule.may_alias
+
+
+def check_mutations(gm: fx.GraphModule, dep: dict[fx.Node, Dependence], shapes: dict[str, tuple],
+                    fail: Callable[[fx.Node, str, str], None]) -> None:
+    """Refuse every in-place op whose effect the functional reading of the graph would miss.
+
+    An in-place op at ``n`` writing into ``a`` is accepted when it touches only values computed
+    from constants (it then runs for real), or when ``a`` is an intermediate tensor (not the input,
+    not a parameter or buffer) and no node after ``n`` reads ``a`` or any tensor that may share its
+    storage through a handle created before ``n``. Readers of ``n``'s own result see the written
+    value, exactly as the functional form gives it.
+    """
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        target = mutated_argument(node, gm)
+        if target is None:
+            continue
+        involved = [node] + _nodes_in((node.args, node.kwargs))
+        if target is True:
+            fail(node, "writes into an `out=` tensor", "drop `out=` and use the returned tensor")
+        if target.name not in shapes:
+            continue  # Python numbers (shape arithmetic): no storage
+        if all(dep[n] == Dependence.CONST for n in involved) and not _state_alias(target, gm):
+            continue  # runs for real, with its side effect, exactly as in the model
+        if _state_alias(target, gm):
+            fail(node, "an in-place op writes into the model's input or its parameters/buffers",
+                 "use the out-of-place op (e.g. `torch.relu(x)` instead of `x.relu_()`, `inplace=False`)")
+        aliases = _alias_class(target, node, gm, order)
+        for alias in aliases:
+            late = [u for u in alias.users if u is not node and order[u] > order[node]]
+            if late:
+                fail(node, f"an in-place op writes into '{target.name}', which node '{late[0].name}' reads "
+                           "afterwards", "use the out-of-place op (`inplace=False`, `y = x + z` instead of `x += z`)")
+
+
+def _state_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` may share storage with the model's input, a parameter or a buffer."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            return True
+        if _may_alias(n, gm):
+            stack.extend(_nodes_in((n.args, n.kwargs)))
+    return False
+
+
+def _alias_class(target: fx.Node, at: fx.Node, gm: fx.GraphModule, order: dict) -> set[fx.Node]:
+    """Nodes before ``at`` that may share storage with ``target`` (up and down may-alias edges)."""
+    seen, stack = set(), [target]
+    while stack:
+        n = stack.pop()
+        if n in seen or order[n] >= order[at]:
+            continue
+        seen.add(n)
+        if _may_alias(n, gm):
+            stack.extend(_nodes_in((n.args, n.kwargs)))
+        stack.extend(u for u in n.users if _may_alias(u, gm))
+    return seen
+
+
+# -- hooks -------------------------------------------------------------------------------------
+
+
+def _hooks(module: nn.Module) -> list[str]:
+    kinds = []
+    if getattr(module, "_forward_hooks", None):
+        kinds.append("forward hook")
+    if getattr(module, "_forward_pre_hooks", None):
+        kinds.append("forward pre-hook")
+    return kinds
+
+
+def check_hooks(model: nn.Module, gm: fx.GraphModule, fail: Callable[[fx.Node | None, str, str], None]) -> None:
+    """Refuse forward hooks that tracing drops: global ones, the root module's, and leaf modules'."""
+    from torch.nn.modules import module as module_globals
+
+    fix = "remove the hook (handle.remove()), or fold what it does into the module's forward"
+    if getattr(module_globals, "_global_forward_hooks", None) or getattr(module_globals,
+                                                                          "_global_forward_pre_hooks", None):
+        fail(None, "a global forward hook is registered (torch.nn.modules.module.register_module_forward_hook); "
+                   "the traced graph does not run it", fix)
+    for root in {id(model): model, id(gm): gm}.values():
+        kinds = _hooks(root)
+        if kinds:
+            fail(None, f"the model has a {kinds[0]}, which the traced graph does not run", fix)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            kinds = _hooks(gm.get_submodule(node.target))
+            if kinds:
+                fail(node, f"the module has a {kinds[0]}, which the traced graph does not run", fix)

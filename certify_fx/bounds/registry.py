@@ -1,0 +1,161 @@
+"""The rule table of the bound compiler, and the contract every rule follows.
+
+A rule says what one operation does to a Lipschitz bound. It is registered once, at its
+definition, for every form of the op (function, Tensor method, module)::
+
+    @register_rule(torch.sub, operator.sub, "sub", inputs=("input", "other"))
+    def sub(ev, input, other, *, alpha=1): ...
+
+    @register_module_rule(nn.Softplus)
+    def softplus_module(ev, module, input): ...
+
+The contract:
+
+* **The signature is the schema.** Each call's positional and keyword arguments are bound to the
+  rule's own Python signature (``ev``, and ``module`` for module rules, first). An argument the
+  signature does not name (an ``alpha``, a ``dtype``, an ``out``) cannot be bound, so the op is
+  refused: a rule cannot silently ignore an argument. Rules take no ``**kwargs``.
+* **Inputs are declared.** ``inputs`` lists the parameters that may carry the input. An
+  input-dependent value in any other parameter (a tensor ``min`` of ``clamp``, an input-dependent
+  ``bias``) is refused before the rule runs; a :class:`~.values.Refused` value anywhere is refused.
+* **What a rule returns.** A :class:`~.values.Tracked` (``ev.linear`` for linear maps,
+  ``ev.nonlinear`` for maps with a global Lipschitz constant), or a
+  :class:`~.values.TupleResult` of them and of :class:`~.values.Refused` parts. A rule refuses with
+  ``ev.fail(reason, fix)``; it must check every parameter it names (ranges, modes, dims: anything
+  over the batch dimension is refused).
+* **Aliasing.** ``may_alias=True`` marks ops whose output may share storage with an input (views,
+  identities), which the in-place check (:mod:`.dependence`) follows.
+
+In-place forms (``relu_``, ``x += y``, ``ReLU(inplace=True)``) use the functional rule once
+:func:`~.dependence.check_mutations` has proved that nothing reads the overwritten tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = [
+    "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule",
+    "all_rules", "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """One registered rule: the function, the ops it serves and the parameters that may carry the input."""
+
+    fn: Callable[..., Any]
+    inputs: frozenset[str]
+    is_module: bool
+    may_alias: bool
+    signature: inspect.Signature
+
+    @property
+    def name(self) -> str:
+        return f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
+
+
+FUNCTION_RULES: dict[Any, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+MODULE_RULES: dict[type, Rule] = {}
+
+#: operator forms that write into their first argument, and the functional op they compute.
+INPLACE_OPERATORS: dict[Any, Any] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.imatmul: operator.matmul,
+}
+
+
+def _make(fn: Callable, inputs: tuple[str, ...], is_module: bool, may_alias: bool) -> Rule:
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())
+    fixed = 2 if is_module else 1
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        raise TypeError(f"rule {fn.__name__} takes **kwargs; name every argument it accounts for")
+    names = {p.name for p in params[fixed:]}
+    missing = set(inputs) - names
+    if missing:
+        raise TypeError(f"rule {fn.__name__} declares inputs {sorted(missing)} that are not parameters")
+    return Rule(fn, frozenset(inputs), is_module, may_alias, signature)
+
+
+def register_rule(*targets: Any, inputs: tuple[str, ...] = ("input",), may_alias: bool = False):
+    """Register ``rule(ev, ...)`` for functions (callables) and Tensor methods (names)."""
+
+    def deco(fn: Callable) -> Callable:
+        rule = _make(fn, inputs, False, may_alias)
+        for t in targets:
+            (METHOD_RULES if isinstance(t, str) else FUNCTION_RULES)[t] = rule
+        return fn
+
+    return deco
+
+
+#: the name of earlier releases
+register_function_rule = register_rule
+
+
+def register_module_rule(*types: type[nn.Module], inputs: tuple[str, ...] = ("input",), may_alias: bool = False):
+    """Register ``rule(ev, module, ...)`` for modules of these types (and subclasses keeping ``forward``)."""
+
+    def deco(fn: Callable) -> Callable:
+        rule = _make(fn, inputs, True, may_alias)
+        for t in types:
+            MODULE_RULES[t] = rule
+        return fn
+
+    return deco
+
+
+def module_rule(module: nn.Module) -> Rule | None:
+    """The rule for ``module``: its own type's, or a base class's if the subclass keeps its forward."""
+    for cls in type(module).__mro__:
+        rule = MODULE_RULES.get(cls)
+        if rule is not None:
+            # A subclass that overrides forward may compute something else (e.g. BatchNorm + act).
+            return rule if type(module).forward is cls.forward else None
+    return None
+
+
+def lookup(kind: str, target: Any, module: nn.Module | None = None) -> Rule | None:
+    """The rule for a ``call_function`` / ``call_method`` / ``call_module`` target (in-place forms included)."""
+    if kind == "call_module":
+        return module_rule(module)
+    if kind == "call_method":
+        rule = METHOD_RULES.get(target)
+        if rule is None and target.endswith("_") and not target.startswith("_"):
+            rule = METHOD_RULES.get(target[:-1])
+        return rule
+    try:
+        rule = FUNCTION_RULES.get(target)
+        if rule is None and target in INPLACE_OPERATORS:
+            rule = FUNCTION_RULES.get(INPLACE_OPERATORS[target])
+    except TypeError:  # unhashable target
+        return None
+    if rule is None:
+        name = getattr(target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):
+            functional = getattr(torch, name[:-1], None)
+            rule = FUNCTION_RULES.get(functional) if functional is not None else None
+    return rule
+
+
+def lookup_node(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    return lookup(node.op, node.target, module)
+
+
+def all_rules() -> list[Rule]:
+    """Every registered rule, once."""
+    seen: dict[int, Rule] = {}
+    for table in (FUNCTION_RULES, METHOD_RULES, MODULE_RULES):
+        for rule in table.values():
+            seen.setdefault(id(rule), rule)
+    return list(seen.values())

@@ -1,0 +1,284 @@
+"""Elementwise and groupwise nonlinearities: their global Lipschitz constants, with argument ranges.
+
+Each constant is the supremum of ``|f'|`` (closed forms in :mod:`..constants`). Arguments that change
+the function are checked: ``Softplus`` with a small ``threshold`` jumps, ``CELU`` with ``alpha <= 0``
+is unbounded, ``softmax`` over the batch dimension mixes examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import nn as cnn
+from .. import constants as C
+from ..registry import register_module_rule, register_rule
+from ..values import Refused, TupleResult
+from .common import feature_dim, feature_dims, number
+
+#: Softplus switches to the identity above ``threshold``; below this the jump is not negligible.
+SOFTPLUS_MIN_THRESHOLD = 20.0
+
+
+def _check_softplus(ev, beta, threshold) -> float:
+    beta, threshold = number(beta), number(threshold)
+    if not beta > 0:
+        ev.fail(f"Softplus with beta={beta} is not supported", "use beta > 0")
+    if not threshold >= SOFTPLUS_MIN_THRESHOLD:
+        jump = math.log1p(math.exp(-threshold)) / beta
+        ev.fail(f"Softplus with threshold={threshold} jumps by {jump:.3g} at x = threshold/beta, so it is not "
+                "Lipschitz", f"use threshold >= {SOFTPLUS_MIN_THRESHOLD:g} (the default)")
+    return 1.0
+
+
+def _check_celu(ev, alpha) -> float:
+    alpha = number(alpha)
+    if not alpha > 0:
+        ev.fail(f"CELU with alpha={alpha} is not Lipschitz (its slope exp(x/alpha) is unbounded)", "use alpha > 0")
+    return 1.0
+
+
+def _elu_constant(alpha) -> float:
+    return max(1.0, abs(number(alpha)))
+
+
+def _check_hardtanh(ev, min_val, max_val) -> float:
+    if number(min_val) > number(max_val):
+        ev.fail("Hardtanh with min_val > max_val")
+    return 1.0
+
+
+def _softmax_constant(ev, value, dim) -> float:
+    if dim is None:
+        ev.fail("softmax without dim picks a dimension implicitly (the batch dim for 3-d tensors)", "pass dim=")
+    feature_dim(ev, dim, len(value.shape) + 1, "softmax")
+    return 1.0  # its Jacobian diag(p) - p p^T has l2 norm <= 1/2
+
+
+def _gelu_constant(approximate: str) -> float:
+    return C.GELU_TANH if approximate == "tanh" else C.GELU
+
+
+# -- functions and Tensor methods --------------------------------------------------------------
+
+
+@register_rule(F.relu, torch.relu, "relu")
+def relu(ev, input, inplace=False):
+    return ev.nonlinear(input, 1.0)
+
+
+@register_rule(F.relu6)
+def relu6(ev, input, inplace=False):
+    return ev.nonlinear(input, 1.0)
+
+
+@register_rule(F.hardtanh)
+def hardtanh(ev, input, min_val=-1.0, max_val=1.0, inplace=False):
+    return ev.nonlinear(input, _check_hardtanh(ev, min_val, max_val))
+
+
+@register_rule(torch.tanh, F.tanh, "tanh", torch.abs, "abs", F.softsign, F.logsigmoid)
+def one_lipschitz(ev, input):
+    return ev.nonlinear(input, 1.0)
+
+
+@register_rule(F.softplus)
+def softplus(ev, input, beta=1.0, threshold=20.0):
+    return ev.nonlinear(input, _check_softplus(ev, beta, threshold))
+
+
+@register_rule(torch.clamp, torch.clip, "clamp", "clip")
+def clamp(ev, input, min=None, max=None):
+    # a constant bound (number or tensor) keeps clamp 1-Lipschitz in its input
+    return ev.nonlinear(input, 1.0)
+
+
+@register_rule("clamp_min", torch.clamp_min)
+def clamp_min(ev, input, min):
+    return ev.nonlinear(input, 1.0)
+
+
+@register_rule("clamp_max", torch.clamp_max)
+def clamp_max(ev, input, max):
+    return ev.nonlinear(input, 1.0)
+
+
+@register_rule(F.softmax, F.softmin)
+def softmax_function(ev, input, dim=None, _stacklevel=3, dtype=None):
+    if dtype is not None:
+        ev.fail(f"softmax with dtype={dtype} casts; the bound assumes float32/float64", "drop dtype=")
+    return ev.nonlinear(input, _softmax_constant(ev, input, dim))
+
+
+@register_rule(torch.softmax, "softmax")
+def softmax(ev, input, dim, dtype=None):
+    return softmax_function(ev, input, dim, 3, dtype)
+
+
+@register_rule(F.celu)
+def celu(ev, input, alpha=1.0, inplace=False):
+    return ev.nonlinear(input, _check_celu(ev, alpha))
+
+
+@register_rule(F.leaky_relu)
+def leaky_relu(ev, input, negative_slope=0.01, inplace=False):
+    return ev.nonlinear(input, max(1.0, abs(number(negative_slope))))
+
+
+@register_rule(F.elu)
+def elu(ev, input, alpha=1.0, inplace=False):
+    return ev.nonlinear(input, _elu_constant(alpha))
+
+
+@register_rule(F.selu, torch.selu)
+def selu(ev, input, inplace=False):
+    return ev.nonlinear(input, C.SELU)
+
+
+@register_rule(F.gelu)
+def gelu(ev, input, approximate="none"):
+    if approximate not in ("none", "tanh"):
+        ev.fail(f"gelu with approximate={approximate!r}")
+    return ev.nonlinear(input, _gelu_constant(approximate))
+
+
+@register_rule(F.silu, F.mish, F.hardswish, F.hardsigmoid)
+def smooth_activation(ev, input, inplace=False):
+    constant = {F.silu: C.SILU, F.mish: C.MISH, F.hardswish: C.HARDSWISH, F.hardsigmoid: C.HARDSIGMOID}
+    return ev.nonlinear(input, constant[ev.node.target])
+
+
+@register_rule(torch.sigmoid, F.sigmoid, "sigmoid")
+def sigmoid(ev, input):
+    return ev.nonlinear(input, C.SIGMOID)
+
+
+@register_rule(torch.logsumexp, "logsumexp")
+def logsumexp(ev, input, dim, keepdim=False):
+    # its gradient is a softmax: l1 norm 1, so l2 norm <= 1; disjoint groups per output
+    feature_dims(ev, dim, len(input.shape) + 1, "logsumexp")
+    return ev.nonlinear(input, 1.0, "logsumexp")
+
+
+@register_rule(torch.amax, "amax", torch.amin, "amin")
+def amax(ev, input, dim=(), keepdim=False):
+    # every output is the max (min) over its own disjoint set of inputs
+    feature_dims(ev, dim, len(input.shape) + 1, "a max/min reduction")
+    return ev.nonlinear(input, 1.0)
+
+
+def _indices(op: str) -> Refused:
+    return Refused(f"the indices returned by {op} are not a continuous function of the input",
+                   "use only the values (e.g. `x.max(dim).values`)")
+
+
+@register_rule(torch.max, "max", torch.min, "min")
+def max_(ev, input, dim=None, keepdim=False):
+    if isinstance(dim, torch.Tensor):  # max(input, other) with a constant other: elementwise, 1-Lipschitz
+        return ev.nonlinear(input, 1.0)
+    if dim is None:
+        ev.fail("max/min over every dimension mixes the examples of a batch", "pass dim=")
+    feature_dim(ev, dim, len(input.shape) + 1, "max/min")
+    return TupleResult((ev.nonlinear(input, 1.0, part=0), _indices("max/min")), ("values", "indices"))
+
+
+@register_rule(torch.sort, "sort")
+def sort(ev, input, dim=-1, descending=False, stable=False):
+    # sorting each group is a GroupSort: 1-Lipschitz
+    feature_dim(ev, dim, len(input.shape) + 1, "sort")
+    return TupleResult((ev.nonlinear(input, 1.0, part=0), _indices("sort")), ("values", "indices"))
+
+
+@register_rule(torch.topk, "topk")
+def topk(ev, input, k, dim=-1, largest=True, sorted=True):
+    # the k largest of each group: k outputs of a sort, 1-Lipschitz
+    feature_dim(ev, dim, len(input.shape) + 1, "topk")
+    return TupleResult((ev.nonlinear(input, 1.0, part=0), _indices("topk")), ("values", "indices"))
+
+
+# -- modules -----------------------------------------------------------------------------------
+
+
+@register_module_rule(nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softsign, nn.LogSigmoid, nn.Softshrink)
+def one_lipschitz_module(ev, module, input):
+    return ev.nonlinear(input, 1.0)
+
+
+@register_module_rule(nn.Hardtanh)
+def hardtanh_module(ev, module, input):
+    return ev.nonlinear(input, _check_hardtanh(ev, module.min_val, module.max_val))
+
+
+@register_module_rule(nn.Softplus)
+def softplus_module(ev, module, input):
+    return ev.nonlinear(input, _check_softplus(ev, module.beta, module.threshold))
+
+
+@register_module_rule(nn.Softmax, nn.Softmin)
+def softmax_module(ev, module, input):
+    return ev.nonlinear(input, _softmax_constant(ev, input, module.dim))
+
+
+@register_module_rule(nn.CELU)
+def celu_module(ev, module, input):
+    return ev.nonlinear(input, _check_celu(ev, module.alpha))
+
+
+@register_module_rule(nn.LeakyReLU)
+def leaky_relu_module(ev, module, input):
+    return ev.nonlinear(input, max(1.0, abs(module.negative_slope)))
+
+
+@register_module_rule(nn.ELU)
+def elu_module(ev, module, input):
+    return ev.nonlinear(input, _elu_constant(module.alpha))
+
+
+@register_module_rule(nn.PReLU)
+def prelu_module(ev, module, input):
+    weight = module.weight.detach()
+    if not bool(torch.isfinite(weight).all()):
+        ev.fail("PReLU has a non-finite slope")
+    return ev.nonlinear(input, max(1.0, float(weight.abs().max())))
+
+
+@register_module_rule(nn.GELU)
+def gelu_module(ev, module, input):
+    return ev.nonlinear(input, _gelu_constant(module.approximate))
+
+
+SMOOTH_MODULES: dict[type, float] = {
+    nn.SELU: C.SELU, nn.SiLU: C.SILU, nn.Mish: C.MISH, nn.Sigmoid: C.SIGMOID, nn.Hardswish: C.HARDSWISH,
+    nn.Hardsigmoid: C.HARDSIGMOID,
+}
+
+
+def _timm_activations() -> dict[type, float]:
+    try:
+        from timm.layers import activations as ta
+    except ImportError:
+        return {}
+    table = {"GELU": C.GELU, "GELUTanh": C.GELU_TANH, "Swish": C.SILU, "Mish": C.MISH, "Sigmoid": C.SIGMOID,
+             "Tanh": 1.0, "HardSwish": C.HARDSWISH, "HardSigmoid": C.HARDSIGMOID}
+    return {getattr(ta, name): value for name, value in table.items() if getattr(ta, name, None) is not None}
+
+
+SMOOTH_MODULES.update(_timm_activations())
+
+
+@register_module_rule(*SMOOTH_MODULES)
+def smooth_module(ev, module, input):
+    for cls in type(module).__mro__:
+        if cls in SMOOTH_MODULES:
+            return ev.nonlinear(input, SMOOTH_MODULES[cls])
+    ev.fail("no Lipschitz constant for this activation")
+
+
+@register_module_rule(cnn.GroupSort, cnn.MinMax)
+def group_sort_module(ev, module, input):
+    # sorting within disjoint groups permutes each group: 1-Lipschitz
+    feature_dim(ev, module.dim, len(input.shape) + 1, type(module).__name__)
+    return ev.nonlinear(input, 1.0)
