@@ -1,8 +1,9 @@
 """torch.fx tracing shared by the bound compiler and the transforms.
 
-The tracer keeps certify-fx's own layers and timm's "no-trace" modules as leaves (timm marks the
-modules and functions that symbolic tracing cannot go through) and turns tracing failures into a
-:class:`~certify_fx.errors.TraceError` that says what to do.
+The tracer keeps as leaves every module type the bound compiler has a rule for (the rule table,
+:mod:`certify_fx.bounds.registry`, is the one place that knows) and timm's "no-trace" modules
+(timm marks the modules and functions that symbolic tracing cannot go through), and turns
+tracing failures into a :class:`~certify_fx.errors.TraceError` that says what to do.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import nn as cnn
+from .bounds import registry
 from .errors import TraceError
 
-__all__ = ["CertifyTracer", "trace", "LEAF_MODULES", "configured_input_shape", "example_input"]
-
-#: certify-fx layers the compiler has exact rules for; never traced through.
-LEAF_MODULES: tuple[type[nn.Module], ...] = (
-    cnn.GroupSort, cnn.Affine, cnn.LiResNetBlock, cnn.LLNLinear, cnn.TokenMixing,
-)
+__all__ = ["CertifyTracer", "trace", "configured_input_shape", "example_input"]
 
 
 def _timm_notrace() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
@@ -34,7 +30,7 @@ def _timm_notrace() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
 
 
 class CertifyTracer(fx.Tracer):
-    """``fx.Tracer`` with certify-fx and timm leaf modules and timm's autowrapped functions."""
+    """``fx.Tracer`` whose leaves are the modules with a bound rule and timm's no-trace modules."""
 
     def __init__(self, extra_leaves: tuple[type[nn.Module], ...] = ()) -> None:
         self._timm_leaves, functions = _timm_notrace()
@@ -42,7 +38,7 @@ class CertifyTracer(fx.Tracer):
         self._extra_leaves = extra_leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, LEAF_MODULES + self._extra_leaves) or type(m) in self._timm_leaves:
+        if isinstance(m, self._extra_leaves) or type(m) in self._timm_leaves or registry.module_rule(m) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -333,6 +334,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CertifyFxError as exc:  # bad input: one line naming the problem, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything else is still one line; the traceback on request
+        if os.environ.get("CERTIFY_FX_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or "(no message)"
+        print(f"error: {type(exc).__name__}: {message} (set CERTIFY_FX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ def exact_margin_norms(jac):
 
 
 def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
-    """Largest ||grad (f_i - f_j)|| and secant slope gradient ascent finds (a lower bound)."""
+    """Largest ||grad (f_i - f_j)|| and secant slope gradient ascent finds (a lower bound).
+
+    Ops without a double backward (hardsigmoid) fall back to sampling gradient norms.
+    """
     best = 0.0
     for r in range(restarts):
         x = torch.randn(8, *shape, dtype=torch.float64, requires_grad=True)
@@ -34,7 +37,12 @@ def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
             norms = g.flatten(1).norm(dim=1)
             best = max(best, norms.max().item())
             opt.zero_grad()
-            (-norms.sum()).backward()
+            try:
+                (-norms.sum()).backward()
+            except RuntimeError:  # no double backward: sample instead of ascending
+                x = torch.randn_like(x).mul_(2).requires_grad_(True)
+                opt = torch.optim.Adam([x], lr=0.05)
+                continue
             opt.step()
         # secant slopes along random short segments
         with torch.no_grad():

@@ -51,7 +51,7 @@ def test_bound_file_module_prints_tables(tmp_path):
 def test_bound_errors_are_one_clear_line():
     proc = run("bound", "vit_tiny_patch16_224", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: node 'layer_norm'") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: node 'blocks_0_norm1' (LayerNorm") and "Traceback" not in proc.stderr
     proc = run("bound", "not_a_model_name_at_all", check=False)
     assert proc.returncode != 0 and "neither a timm model name" in proc.stderr
 

@@ -294,7 +294,7 @@ class Evaluator(fx.Interpreter):
             refused = find_refused(value)
             if refused is not None:
                 self.fail(refused.reason, refused.fix)
-            if name not in rule.inputs and has_tracked(value):
+            if name not in rule.inputs and name not in rule.shape_only and has_tracked(value):
                 allowed = ", ".join(f"'{i}'" for i in sorted(rule.inputs)) or "none"
                 self.fail(f"argument '{name}' depends on the input, but rule {rule.name} bounds only {allowed}",
                           "make that argument a constant, or rewrite the op")
@@ -385,7 +385,7 @@ class Evaluator(fx.Interpreter):
                 self.fail(f"the rule's result has shape {result.shape}, the operation's {recorded[1:]}")
             if result.origin is None:
                 result.origin = n.name
-        elif isinstance(result, TupleResult):
+        elif isinstance(result, (tuple, list)):
             for i, part in enumerate(result):
                 if isinstance(part, Tracked):
                     self._check_dtype(f"{n.name}.{i}")

@@ -41,13 +41,12 @@ SHAPE_ATTRIBUTES = frozenset({
 })
 
 _SELF = frozenset({0, "input", "self"})
-_OTHER = frozenset({1, "other"})
-#: ops whose listed arguments are read only for their shape, dtype or device.
+#: ops without a rule whose listed arguments are read only for their shape, dtype or device (ops
+#: with a rule declare theirs with ``register_rule(shape_only=...)``).
 SHAPE_ONLY_ARGUMENTS: dict[Any, frozenset] = {
     **{m: _SELF for m in ("size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device",
                           "is_contiguous", "is_floating_point", "is_complex", "new_zeros", "new_ones", "new_empty",
                           "new_full", "new_tensor", "is_nonzero_size")},
-    **{m: _OTHER for m in ("expand_as", "view_as", "reshape_as", "type_as")},
     **{f: _SELF for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.numel, len)},
 }
 
@@ -70,15 +69,18 @@ def _nodes_in(obj: Any) -> list[fx.Node]:
     return found
 
 
-def _shape_only(node: fx.Node) -> frozenset:
+def _shape_only(node: fx.Node, gm: fx.GraphModule) -> frozenset:
     if node.op == "call_function" and node.target is getattr:
         return _SELF if len(node.args) > 1 and node.args[1] in SHAPE_ATTRIBUTES else frozenset()
-    if node.op in ("call_function", "call_method"):
-        try:
-            return SHAPE_ONLY_ARGUMENTS.get(node.target, frozenset())
-        except TypeError:  # unhashable target
-            return frozenset()
-    return frozenset()
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return frozenset()
+    rule = registry.lookup_node(node, gm)
+    if rule is not None:
+        return rule.shape_only_positions()
+    try:
+        return SHAPE_ONLY_ARGUMENTS.get(node.target, frozenset())
+    except TypeError:  # unhashable target
+        return frozenset()
 
 
 def input_dependence(gm: fx.GraphModule) -> dict[fx.Node, Dependence]:
@@ -93,7 +95,7 @@ def input_dependence(gm: fx.GraphModule) -> dict[fx.Node, Dependence]:
         if node.op == "get_attr":
             dep[node] = Dependence.CONST
             continue
-        shape_only = _shape_only(node)
+        shape_only = _shape_only(node, gm)
         level = Dependence.CONST
         for key, value in _argument_items(node):
             for arg in _nodes_in(value):
@@ -121,7 +123,7 @@ def _binds_inplace(target: Callable, args: tuple, kwargs: dict) -> bool:
 def mutated_argument(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None | bool:
     """The node an op writes into, ``None`` if it writes nothing, ``True`` if it writes somewhere else
     (an ``out=`` tensor)."""
-    if "out" in node.kwargs:
+    if node.kwargs.get("out") is not None:
         return True
     first = node.args[0] if node.args else None
     if node.op == "call_method":
@@ -245,6 +247,8 @@ def check_hooks(model: nn.Module, gm: fx.GraphModule, fail: Callable[[fx.Node | 
             fail(None, f"the model has a {kinds[0]}, which the traced graph does not run", fix)
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            kinds = _hooks(gm.get_submodule(node.target))
-            if kinds:
-                fail(node, f"the module has a {kinds[0]}, which the traced graph does not run", fix)
+            for path, sub in gm.get_submodule(node.target).named_modules():
+                kinds = _hooks(sub)
+                if kinds:
+                    where = f"its submodule '{path}'" if path else "the module"
+                    fail(node, f"{where} has a {kinds[0]}, which the graph's rule for it does not run", fix)

@@ -21,8 +21,8 @@ _PLAIN = (int, float, bool, str, type(None))
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """``structure`` covers module types, names, hooks and plain attributes (what tracing bakes into
-    the graph); ``mode`` the train/eval flags; ``weights`` the bytes of every parameter, buffer and
+    """``structure`` covers module and tensor identities, types, names, hooks and plain attributes
+    (what a traced graph holds or bakes in); ``mode`` the train/eval flags; ``weights`` the bytes of every parameter, buffer and
     tensor attribute (0 when not computed)."""
 
     structure: int
@@ -54,13 +54,15 @@ def model_fingerprint(model: nn.Module, weights: bool = True) -> Fingerprint:
         hooks = (len(getattr(module, "_forward_hooks", ())), len(getattr(module, "_forward_pre_hooks", ())))
         attributes = sorted((k, repr(v)) for k, v in vars(module).items()
                             if not k.startswith("_") and k != "training" and _plain(v))
-        structure = zlib.crc32(f"{name}|{type(module).__qualname__}|{hooks}|{attributes}".encode(), structure)
+        # identity too: a traced graph holds the module objects it was traced with
+        structure = zlib.crc32(f"{name}|{type(module).__qualname__}|{id(module)}|{hooks}|{attributes}".encode(),
+                               structure)
         mode = zlib.crc32(f"{name}|{module.training}".encode(), mode)
         tensors = {**module._parameters, **module._buffers,  # noqa: SLF001 - torch's own registries
                    **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
         for key in sorted(tensors):
             value = tensors[key]
-            structure = zlib.crc32(f"{name}.{key}:{value is None}".encode(), structure)
+            structure = zlib.crc32(f"{name}.{key}:{id(value)}".encode(), structure)
             if value is not None and weights:
                 crc = _tensor_crc(value, crc)
     return Fingerprint(structure, mode, crc)

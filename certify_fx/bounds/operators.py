@@ -689,7 +689,7 @@ def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
     scales = [op for op in ops if isinstance(op, (Scale, Identity))]
     if len(scales) >= 2:
         mult = sum(op.multiplier if isinstance(op, Scale) else torch.ones(()) for op in scales)
-        ops = [Scale(scales[0].in_shape, mult)] + [op for op in ops if op not in scales]
+        ops = [Scale(scales[0].in_shape, mult)] + [op for op in ops if not any(op is s for s in scales)]
     return ops[0] if len(ops) == 1 else Sum(ops)
 
 

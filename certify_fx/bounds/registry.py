@@ -23,6 +23,10 @@ The contract:
   :class:`~.values.TupleResult` of them and of :class:`~.values.Refused` parts. A rule refuses with
   ``ev.fail(reason, fix)``; it must check every parameter it names (ranges, modes, dims: anything
   over the batch dimension is refused).
+* **Shape-only arguments.** ``shape_only`` lists parameters the op reads only for their shape,
+  dtype or device (``view_as(other)``, ``.to(other)``); they may carry the input.
+* **Leaves.** A module type with a rule is a leaf for the tracer (:mod:`certify_fx.tracing`), so
+  its rule, not its traced body, bounds it.
 * **Aliasing.** ``may_alias=True`` marks ops whose output may share storage with an input (views,
   identities), which the in-place check (:mod:`.dependence`) follows.
 
@@ -56,6 +60,17 @@ class Rule:
     is_module: bool
     may_alias: bool
     signature: inspect.Signature
+    shape_only: frozenset[str] = frozenset()
+
+    def shape_only_positions(self) -> frozenset:
+        """Positions and keywords of the call whose input dependence is through their shape only."""
+        params = list(self.signature.parameters.values())[2 if self.is_module else 1:]
+        found: set = set()
+        for i, p in enumerate(params):
+            if p.name in self.shape_only:
+                found.add(p.name)
+                found.update(range(i, i + 64) if p.kind is p.VAR_POSITIONAL else (i,))
+        return frozenset(found)
 
     @property
     def name(self) -> str:
@@ -73,24 +88,30 @@ INPLACE_OPERATORS: dict[Any, Any] = {
 }
 
 
-def _make(fn: Callable, inputs: tuple[str, ...], is_module: bool, may_alias: bool) -> Rule:
+def _make(fn: Callable, inputs: tuple[str, ...], is_module: bool, may_alias: bool,
+          shape_only: tuple[str, ...] = ()) -> Rule:
     signature = inspect.signature(fn)
     params = list(signature.parameters.values())
     fixed = 2 if is_module else 1
     if any(p.kind is p.VAR_KEYWORD for p in params):
         raise TypeError(f"rule {fn.__name__} takes **kwargs; name every argument it accounts for")
     names = {p.name for p in params[fixed:]}
-    missing = set(inputs) - names
+    missing = (set(inputs) | set(shape_only)) - names
     if missing:
         raise TypeError(f"rule {fn.__name__} declares inputs {sorted(missing)} that are not parameters")
-    return Rule(fn, frozenset(inputs), is_module, may_alias, signature)
+    return Rule(fn, frozenset(inputs), is_module, may_alias, signature, frozenset(shape_only))
 
 
-def register_rule(*targets: Any, inputs: tuple[str, ...] = ("input",), may_alias: bool = False):
-    """Register ``rule(ev, ...)`` for functions (callables) and Tensor methods (names)."""
+def register_rule(*targets: Any, inputs: tuple[str, ...] = ("input",), may_alias: bool = False,
+                  shape_only: tuple[str, ...] = ()):
+    """Register ``rule(ev, ...)`` for functions (callables) and Tensor methods (names).
+
+    ``shape_only`` names parameters whose shape, dtype or device alone the op reads
+    (``view_as(other)``): they may carry the input, and count as shape-only in the dataflow.
+    """
 
     def deco(fn: Callable) -> Callable:
-        rule = _make(fn, inputs, False, may_alias)
+        rule = _make(fn, inputs, False, may_alias, shape_only)
         for t in targets:
             (METHOD_RULES if isinstance(t, str) else FUNCTION_RULES)[t] = rule
         return fn

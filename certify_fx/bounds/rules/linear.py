@@ -18,7 +18,7 @@ from ... import nn as cnn
 from ...errors import NotLipschitzError
 from ..operators import Conv2d, Dense, Permute, Reshape, Scale, TransposedConv2d, add
 from ..registry import register_module_rule, register_rule
-from ..values import Tracked
+from ..values import Tracked, TupleResult
 from .common import FIX_ATTENTION, FIX_PRODUCT, broadcast, int_tuple, multiplier, number
 
 
@@ -49,7 +49,9 @@ def _check_alpha(ev, alpha):
 
 @register_rule(operator.add, torch.add, "add", "__add__", "__radd__", inputs=("input", "other"))
 def add_(ev, input, other, *, alpha=1):
-    """``input + alpha * other``."""
+    """``input + alpha * other`` (or the concatenation of two tuples of results)."""
+    if isinstance(input, (tuple, list)) and isinstance(other, (tuple, list)) and alpha == 1:
+        return TupleResult(tuple(input) + tuple(other))
     alpha = _check_alpha(ev, alpha)
     return _sum(ev, input, _scaled(ev, other, alpha) if isinstance(other, Tracked) else other)
 
@@ -81,6 +83,8 @@ def pos(ev, input):
 @register_rule(operator.mul, torch.mul, torch.multiply, "mul", "multiply", "__mul__", "__rmul__",
                inputs=("input", "other"))
 def mul(ev, input, other):
+    if isinstance(input, (tuple, list)) and isinstance(other, int):  # repeating a tuple of results
+        return TupleResult(tuple(input) * other)
     if isinstance(input, Tracked) and isinstance(other, Tracked):
         ev.fail("the product of two input-dependent tensors is not globally Lipschitz", FIX_PRODUCT, NotLipschitzError)
     tracked, const = (input, other) if isinstance(input, Tracked) else (other, input)
@@ -177,26 +181,21 @@ def _check_zero_padding(ev, module):
         ev.fail(f"padding_mode={module.padding_mode!r} is not supported (only zero padding)", "use padding_mode='zeros'")
 
 
-@register_rule(F.conv2d, torch.conv2d)
-def conv2d(ev, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return _conv2d(ev, input, weight, stride, padding, dilation, groups)
+def _conv(ev, x, weight, stride, padding, dilation, groups):
+    if isinstance(weight, torch.Tensor) and weight.dim() == 3:
+        return _conv1d(ev, x, weight, stride, padding, dilation, groups)
+    return _conv2d(ev, x, weight, stride, padding, dilation, groups)
 
 
-@register_module_rule(nn.Conv2d)
-def conv2d_module(ev, module, input):
+@register_rule(F.conv2d, torch.conv2d, F.conv1d, torch.conv1d)
+def conv(ev, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return _conv(ev, input, weight, stride, padding, dilation, groups)
+
+
+@register_module_rule(nn.Conv1d, nn.Conv2d)
+def conv_module(ev, module, input):
     _check_zero_padding(ev, module)
-    return _conv2d(ev, input, module.weight, module.stride, module.padding, module.dilation, module.groups)
-
-
-@register_rule(F.conv1d, torch.conv1d)
-def conv1d(ev, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return _conv1d(ev, input, weight, stride, padding, dilation, groups)
-
-
-@register_module_rule(nn.Conv1d)
-def conv1d_module(ev, module, input):
-    _check_zero_padding(ev, module)
-    return _conv1d(ev, input, module.weight, module.stride, module.padding, module.dilation, module.groups)
+    return _conv(ev, input, module.weight, module.stride, module.padding, module.dilation, module.groups)
 
 
 def _conv_transpose2d(ev, x, weight, stride, padding, output_padding, groups, dilation):

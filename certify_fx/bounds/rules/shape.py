@@ -66,7 +66,7 @@ def unflatten(ev, input, dim, sizes):
     return _reshape(ev, input)
 
 
-@register_rule("view_as", "reshape_as", may_alias=True)
+@register_rule("view_as", "reshape_as", may_alias=True, shape_only=("other",))
 def view_as(ev, input, other):
     return _reshape(ev, input)
 
@@ -145,7 +145,8 @@ def _feature_index(ev, index: Any, ndim: int) -> tuple:
 @register_rule(operator.getitem, "__getitem__", inputs=("obj",), may_alias=True)
 def getitem(ev, obj, index):
     if isinstance(obj, (tuple, list)):
-        return obj[index]
+        part = obj[index]
+        return TupleResult(part) if isinstance(part, (tuple, list)) else part
     if not isinstance(obj, Tracked):
         ev.fail(f"indexing a {type(obj).__name__} that depends on the input")
     idx = _feature_index(ev, index, len(obj.shape) + 1)
@@ -249,7 +250,7 @@ def expand(ev, input, *sizes):
     return broadcast(ev, input, ev.shape())
 
 
-@register_rule("expand_as", may_alias=True)
+@register_rule("expand_as", may_alias=True, shape_only=("other",))
 def expand_as(ev, input, other):
     return broadcast(ev, input, ev.shape())
 
@@ -347,20 +348,18 @@ def detach(ev, input):
     return input
 
 
-@register_rule("float", "double", "cpu", may_alias=True)
+@register_rule("float", "double", "half", "bfloat16", "int", "long", "cpu", may_alias=True)
 def cast(ev, input, memory_format=torch.preserve_format):
     return input  # the compiler has checked the result's dtype (float32/float64 only)
 
 
-@register_rule("to", may_alias=True)
+@register_rule("to", may_alias=True, shape_only=("args",))
 def to(ev, input, *args, non_blocking=False, copy=False, memory_format=torch.preserve_format, dtype=None,
        device=None):
-    if any(isinstance(a, Tracked) for a in args):
-        ev.fail("`.to(tensor)` with an input-dependent tensor")
-    return input
+    return input  # `.to(other)` reads other's dtype and device only
 
 
-@register_rule("type_as", may_alias=True)
+@register_rule("type_as", may_alias=True, shape_only=("other",))
 def type_as(ev, input, other):
     return input
 

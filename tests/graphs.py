@@ -1,0 +1,709 @@
+"""Random small graphs drawn from the whole op vocabulary the bound compiler accepts.
+
+Every op maps a (B, 4, 4, 4) tensor to a (B, 4, 4, 4) tensor (ops that change the shape restore
+it), so ops compose freely; a drawn model is a chain of ops, some with a residual connection,
+and a dense head to 5 logits. Each op names the rules it exercises; ``tests/test_properties.py``
+checks that every registered rule is exercised by an accepted op or refused by a refusal case.
+Random arguments cover each op's accepted range (slopes, alphas, clamp bounds, strides, modes).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, DropPath
+from torch import nn
+
+from certify_fx import nn as cnn
+
+SHAPE = (4, 4, 4)
+CLASSES = 5
+
+
+class Const(nn.Module):
+    """Holds an op's constant tensors as buffers (so ``.double()`` converts them too)."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+
+@dataclass
+class Op:
+    name: str
+    rules: tuple[str, ...]
+    build: Callable[[random.Random], tuple[Callable, nn.Module]]
+    linear: bool
+    autograd: bool = True  # False: autograd does not see the function (detach), so no gradient checks
+
+
+VOCABULARY: list[Op] = []
+
+
+def op(name: str, rules: str, linear: bool = False, autograd: bool = True):
+    def deco(build):
+        VOCABULARY.append(Op(name, tuple(rules.split()), build, linear, autograd))
+        return build
+
+    return deco
+
+
+def _randn(r: random.Random, *shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(r.randrange(2**31))
+    return torch.randn(*shape, generator=g)
+
+
+def _id():
+    return nn.Identity()
+
+
+# -- activations -------------------------------------------------------------------------------
+@op("relu", "activations.relu")
+def _(r):
+    form = r.choice(["F", "torch", "method", "inplace", "method_"])
+    fns = {"F": lambda x, m: F.relu(x), "torch": lambda x, m: torch.relu(x), "method": lambda x, m: x.relu(),
+           "inplace": lambda x, m: F.relu(x * 1.0, inplace=True), "method_": lambda x, m: (x * 1.0).relu_()}
+    return fns[form], _id()
+
+
+@op("relu6", "activations.relu6")
+def _(r):
+    return (lambda x, m: F.relu6(3 * x)), _id()
+
+
+@op("hardtanh", "activations.hardtanh")
+def _(r):
+    lo = r.uniform(-2, 0)
+    hi = lo + r.uniform(0, 2)
+    return (lambda x, m: F.hardtanh(x, lo, hi)), _id()
+
+
+@op("one_lipschitz", "activations.one_lipschitz")
+def _(r):
+    fn = r.choice([torch.tanh, F.tanh, torch.abs, F.softsign, F.logsigmoid])
+    return (lambda x, m: fn(2 * x)), _id()
+
+
+@op("tanh_abs_methods", "activations.one_lipschitz")
+def _(r):
+    return (lambda x, m: x.tanh() + x.abs()), _id()
+
+
+@op("softplus", "activations.softplus")
+def _(r):
+    beta, threshold = r.uniform(0.5, 3), r.uniform(20, 40)
+    return (lambda x, m: F.softplus(x, beta, threshold)), _id()
+
+
+@op("clamp", "activations.clamp")
+def _(r):
+    lo, hi = r.uniform(-1, 0), r.uniform(0, 1)
+    form = r.choice(["torch", "clip", "method", "tensor_bound"])
+    if form == "tensor_bound":
+        return (lambda x, m: torch.clamp(x, min=m.lo)), Const(lo=_randn(r, 4, 1, 1) * 0.3)
+    fns = {"torch": lambda x, m: torch.clamp(x, lo, hi), "clip": lambda x, m: torch.clip(x, max=hi),
+           "method": lambda x, m: x.clamp(min=lo)}
+    return fns[form], _id()
+
+
+@op("clamp_min_max", "activations.clamp_min activations.clamp_max")
+def _(r):
+    return (lambda x, m: x.clamp_min(-0.5) + torch.clamp_max(x, 0.3)), _id()
+
+
+@op("softmax", "activations.softmax_function activations.softmax")
+def _(r):
+    dim = r.choice([1, 2, -1])
+    return (lambda x, m: F.softmax(3 * x, dim=dim) + torch.softmax(x, dim) + x.softmax(dim) + F.softmin(x, dim)), _id()
+
+
+@op("celu", "activations.celu")
+def _(r):
+    alpha = r.uniform(0.2, 2)
+    return (lambda x, m: F.celu(x, alpha)), _id()
+
+
+@op("leaky_relu", "activations.leaky_relu")
+def _(r):
+    slope = r.uniform(-2, 2)
+    return (lambda x, m: F.leaky_relu(x, slope)), _id()
+
+
+@op("elu", "activations.elu")
+def _(r):
+    alpha = r.uniform(-2, 2)
+    return (lambda x, m: F.elu(x, alpha)), _id()
+
+
+@op("selu", "activations.selu")
+def _(r):
+    return (lambda x, m: F.selu(x) + torch.selu(x)), _id()
+
+
+@op("gelu", "activations.gelu")
+def _(r):
+    approximate = r.choice(["none", "tanh"])
+    return (lambda x, m: F.gelu(2 * x, approximate=approximate)), _id()
+
+
+@op("smooth", "activations.smooth_activation")
+def _(r):
+    fn = r.choice([F.silu, F.mish, F.hardswish, F.hardsigmoid])
+    return (lambda x, m: fn(3 * x)), _id()
+
+
+@op("sigmoid", "activations.sigmoid")
+def _(r):
+    return (lambda x, m: torch.sigmoid(4 * x) + x.sigmoid()), _id()
+
+
+@op("logsumexp", "activations.logsumexp")
+def _(r):
+    return (lambda x, m: x + torch.logsumexp(3 * x, dim=1, keepdim=True)), _id()
+
+
+@op("amax", "activations.amax")
+def _(r):
+    return (lambda x, m: x + torch.amax(x, dim=(2, 3), keepdim=True) - x.amin(1, keepdim=True)), _id()
+
+
+@op("max_dim", "activations.max_ shape.getattr_ shape.getitem")
+def _(r):
+    form = r.choice(["values", "getitem", "min", "const_other"])
+    fns = {"values": lambda x, m: x + 2 * torch.max(x, 1, keepdim=True).values,
+           "getitem": lambda x, m: x - x.max(dim=2, keepdim=True)[0],
+           "min": lambda x, m: x + torch.min(x, 3, keepdim=True).values,
+           "const_other": lambda x, m: torch.max(x, m.c)}
+    return fns[form], Const(c=_randn(r, 4, 4, 4) * 0.2)
+
+
+@op("sort", "activations.sort shape.getitem")
+def _(r):
+    descending = r.random() < 0.5
+    return (lambda x, m: 2 * x.sort(dim=1, descending=descending)[0]), _id()
+
+
+@op("topk", "activations.topk shape.getattr_ shape.cat")
+def _(r):
+    return (lambda x, m: torch.cat([x.topk(2, dim=1).values, x[:, 2:]], 1)), _id()
+
+
+@op("activation_modules", "activations.one_lipschitz_module")
+def _(r):
+    return (lambda x, m: m(2 * x)), r.choice([nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.Tanh(), nn.Softsign(),
+                                              nn.LogSigmoid(), nn.Softshrink(r.uniform(0, 1))])
+
+
+@op("hardtanh_module", "activations.hardtanh_module")
+def _(r):
+    return (lambda x, m: m(x)), nn.Hardtanh(-r.uniform(0, 1), r.uniform(0, 1))
+
+
+@op("softplus_module", "activations.softplus_module")
+def _(r):
+    return (lambda x, m: m(x)), nn.Softplus(r.uniform(0.5, 2), r.uniform(20, 30))
+
+
+@op("softmax_module", "activations.softmax_module")
+def _(r):
+    return (lambda x, m: m(3 * x)), r.choice([nn.Softmax(dim=1), nn.Softmin(dim=-1)])
+
+
+@op("celu_module", "activations.celu_module")
+def _(r):
+    return (lambda x, m: m(x)), nn.CELU(r.uniform(0.2, 2))
+
+
+@op("leaky_relu_module", "activations.leaky_relu_module")
+def _(r):
+    return (lambda x, m: m(x)), nn.LeakyReLU(r.uniform(-3, 3))
+
+
+@op("elu_module", "activations.elu_module")
+def _(r):
+    return (lambda x, m: m(x)), nn.ELU(r.uniform(-2, 2))
+
+
+@op("prelu_module", "activations.prelu_module")
+def _(r):
+    m = nn.PReLU(4)
+    with torch.no_grad():
+        m.weight.copy_(_randn(r, 4) * 2)
+    return (lambda x, mod: mod(x)), m
+
+
+@op("gelu_module", "activations.gelu_module")
+def _(r):
+    return (lambda x, m: m(2 * x)), nn.GELU(approximate=r.choice(["none", "tanh"]))
+
+
+@op("smooth_module", "activations.smooth_module")
+def _(r):
+    from timm.layers import activations as ta
+
+    return (lambda x, m: m(3 * x)), r.choice([nn.SELU(), nn.SiLU(), nn.Mish(), nn.Sigmoid(), nn.Hardswish(),
+                                              nn.Hardsigmoid(), ta.GELU(), ta.Swish(), ta.HardSwish()])
+
+
+@op("group_sort", "activations.group_sort_module")
+def _(r):
+    return (lambda x, m: m(x)), r.choice([cnn.MinMax(), cnn.GroupSort(4), cnn.MinMax(dim=-1)])
+
+
+# -- linear ------------------------------------------------------------------------------------
+@op("add", "linear.add_", linear=True)
+def _(r):
+    alpha = r.uniform(-3, 3)
+    form = r.choice(["op", "torch", "method", "inplace", "iadd"])
+
+    def iadd(x, m):
+        y = 2 * x
+        y += x.flip(2)
+        return y
+
+    fns = {"op": lambda x, m: x + x.flip(3) + 1.0, "torch": lambda x, m: torch.add(x, x.flip(2), alpha=alpha),
+           "method": lambda x, m: x.add(m.c, alpha=alpha), "inplace": lambda x, m: (3 * x).add_(x.roll(1, 2)),
+           "iadd": iadd}
+    return fns[form], Const(c=_randn(r, 4, 4, 4))
+
+
+@op("sub", "linear.sub", linear=True)
+def _(r):
+    alpha = r.uniform(-3, 3)
+    form = r.choice(["op", "torch", "method", "rconst"])
+    fns = {"op": lambda x, m: x - 2 * x.flip(1), "torch": lambda x, m: torch.sub(x, x.flip(3), alpha=alpha),
+           "method": lambda x, m: x.sub(x.roll(1, 3), alpha=alpha), "rconst": lambda x, m: 1.0 - x}
+    return fns[form], _id()
+
+
+@op("rsub", "linear.rsub", linear=True)
+def _(r):
+    alpha = r.uniform(-3, 3)
+    return (lambda x, m: torch.rsub(x, x.flip(2), alpha=alpha)), _id()
+
+
+@op("neg_pos", "linear.neg linear.pos", linear=True)
+def _(r):
+    return (lambda x, m: -x + (+x.flip(1)) + torch.neg(x.roll(1, 2))), _id()
+
+
+@op("mul", "linear.mul", linear=True)
+def _(r):
+    form = r.choice(["scalar", "tensor", "method", "inplace", "batch_const"])
+    fns = {"scalar": lambda x, m: 3.0 * x, "tensor": lambda x, m: x * m.c, "method": lambda x, m: x.mul(m.c),
+           "inplace": lambda x, m: (x + 0.0).mul_(m.c), "batch_const": lambda x, m: x * torch.ones_like(x) * 2}
+    return fns[form], Const(c=_randn(r, 4, 1, 4))
+
+
+@op("div", "linear.div", linear=True)
+def _(r):
+    form = r.choice(["scalar", "tensor", "method"])
+    fns = {"scalar": lambda x, m: x / 0.3, "tensor": lambda x, m: torch.div(x, m.c), "method": lambda x, m: x.div(m.c)}
+    return fns[form], Const(c=_randn(r, 1, 4, 4).abs() + 0.5)
+
+
+@op("matmul", "linear.matmul", linear=True)
+def _(r):
+    form = r.choice(["op", "torch", "method"])
+    fns = {"op": lambda x, m: x @ m.w, "torch": lambda x, m: torch.matmul(x, m.w), "method": lambda x, m: x.matmul(m.w)}
+    return fns[form], Const(w=_randn(r, 4, 4))
+
+
+@op("linear", "linear.linear linear.linear_module linear.lln_module shape.flatten shape.view", linear=True)
+def _(r):
+    kind = r.choice(["F", "module", "lln"])
+    if kind == "F":
+        return (lambda x, m: F.linear(x.flatten(1), m.w, m.b).view(-1, 4, 4, 4)), Const(w=_randn(r, 64, 64) / 8,
+                                                                                         b=_randn(r, 64))
+    layer = nn.Linear(64, 64) if kind == "module" else cnn.LLNLinear(64, 64)
+    return (lambda x, m: m(x.flatten(1)).view(x.shape[0], 4, 4, 4)), layer
+
+
+@op("conv2d", "linear.conv linear.conv_module", linear=True)
+def _(r):
+    if r.random() < 0.5:
+        stride, pad = r.choice([(1, 1), (1, "same")])
+        return (lambda x, m: F.conv2d(x, m.w, m.b, stride, pad, 1, 1)), Const(w=_randn(r, 4, 4, 3, 3) / 3,
+                                                                              b=_randn(r, 4))
+    groups, dilation = r.choice([1, 2, 4]), r.choice([1, 2])
+    return (lambda x, m: m(x)), nn.Conv2d(4, 4, 3, padding=dilation, dilation=dilation, groups=groups)
+
+
+@op("conv1d", "linear.conv linear.conv_module shape.view", linear=True)
+def _(r):
+    if r.random() < 0.5:
+        return (lambda x, m: F.conv1d(x.reshape(-1, 4, 16), m.w, padding=1).view(-1, 4, 4, 4)), Const(
+            w=_randn(r, 4, 4, 3) / 3)
+    return (lambda x, m: m(x.reshape(-1, 4, 16)).reshape(-1, 4, 4, 4)), nn.Conv1d(4, 4, 3, padding=1)
+
+
+@op("conv_transpose2d", "linear.conv_transpose2d linear.conv_transpose2d_module pooling.avg_pool2d", linear=True)
+def _(r):
+    if r.random() < 0.5:
+        return (lambda x, m: F.conv_transpose2d(x, m.w, stride=1, padding=1)), Const(w=_randn(r, 4, 4, 3, 3) / 3)
+    layer = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1, groups=r.choice([1, 2]))
+    return (lambda x, m: F.avg_pool2d(m(x), 2)), layer
+
+
+@op("token_mixing", "linear.token_mixing_module shape.flatten shape.transpose shape.unflatten", linear=True)
+def _(r):
+    mix = cnn.TokenMixing(16)
+    with torch.no_grad():
+        mix.weight.add_(_randn(r, 16, 16) * 0.2)
+    return (lambda x, m: m(x.flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, (4, 4))), mix
+
+
+@op("liresnet_block", "linear.liresnet_block_module", linear=True)
+def _(r):
+    block = cnn.LiResNetBlock(4)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(_randn(r, *p.shape) * 0.3)
+    return (lambda x, m: m(x)), block
+
+
+# -- normalisation -----------------------------------------------------------------------------
+def _bn(r, layer):
+    with torch.no_grad():
+        layer.running_var.copy_(_randn(r, 4).abs() + 0.2)
+        layer.running_mean.copy_(_randn(r, 4))
+        layer.weight.copy_(_randn(r, 4))
+    return layer.eval()
+
+
+@op("batch_norm", "normalization.batch_norm_module normalization.batch_norm", linear=True)
+def _(r):
+    if r.random() < 0.5:
+        return (lambda x, m: m(x)), _bn(r, nn.BatchNorm2d(4))
+    return (lambda x, m: F.batch_norm(x, m.mean, m.var, m.w, None, False)), Const(
+        mean=_randn(r, 4), var=_randn(r, 4).abs() + 0.3, w=_randn(r, 4))
+
+
+@op("affine", "normalization.affine_module", linear=True)
+def _(r):
+    layer = cnn.Affine(4)
+    with torch.no_grad():
+        layer.weight.copy_(_randn(r, 4))
+    return (lambda x, m: m(x)), layer
+
+
+@op("batch_norm_act", "normalization.batch_norm_act_module")
+def _(r):
+    act = r.choice([nn.ReLU, nn.GELU, nn.Identity, nn.LeakyReLU])
+    return (lambda x, m: m(x)), _bn(r, BatchNormAct2d(4, act_layer=act))
+
+
+@op("dual_batch_norm_act", "normalization.batch_norm_act_module")
+def _(r):
+    # dpn68's DualPathBlock: two BatchNormAct2d with different scales read one input
+    pair = nn.ModuleList([_bn(r, BatchNormAct2d(4)), _bn(r, BatchNormAct2d(4))])
+    return (lambda x, m: m[0](x) + 3 * m[1](x)), pair
+
+
+# -- pooling and resampling --------------------------------------------------------------------
+@op("max_pool", "pooling.max_pool2d pooling.max_pool2d_with_indices pooling.max_pool2d_module")
+def _(r):
+    form = r.choice(["F", "indices", "module", "torch"])
+    fns = {"F": lambda x, m: F.max_pool2d(x, 3, 1, 1), "indices": lambda x, m: F.max_pool2d(x, 3, 1, 1,
+                                                                                           return_indices=True)[0],
+           "module": lambda x, m: m(x), "torch": lambda x, m: torch.max_pool2d(x, 2, 1, 1)[:, :, :4, :4]}
+    return fns[form], nn.MaxPool2d(3, 1, 1) if form == "module" else _id()
+
+
+@op("adaptive_max_pool", "pooling.adaptive_max_pool2d pooling.adaptive_max_pool2d_with_indices "
+                         "pooling.adaptive_max_pool2d_module pooling.interpolate")
+def _(r):
+    form = r.choice(["F", "indices", "module"])
+    fns = {"F": lambda x, m: F.adaptive_max_pool2d(x, 2), "module": lambda x, m: m(x),
+           "indices": lambda x, m: F.adaptive_max_pool2d(x, 2, return_indices=True)[0]}
+    pool = fns[form]
+    return (lambda x, m: F.interpolate(pool(x, m), scale_factor=2)), nn.AdaptiveMaxPool2d(2)
+
+
+@op("avg_pool", "pooling.avg_pool2d pooling.avg_pool2d_module", linear=True)
+def _(r):
+    if r.random() < 0.5:
+        return (lambda x, m: F.avg_pool2d(x, 3, 1, 1)), _id()
+    return (lambda x, m: m(x)), nn.AvgPool2d(3, 1, 1)
+
+
+@op("adaptive_avg_pool", "pooling.adaptive_avg_pool2d pooling.adaptive_avg_pool2d_module pooling.upsample_module",
+    linear=True)
+def _(r):
+    mode = r.choice(["nearest", "bilinear"])
+    up = nn.Upsample(size=(4, 4), mode=mode)
+    size = r.choice([1, 2, 3])
+    if r.random() < 0.5:
+        return (lambda x, m: m(F.adaptive_avg_pool2d(x, size))), up
+    pool = nn.AdaptiveAvgPool2d(3)
+    return (lambda x, m: m[1](m[0](x))), nn.ModuleList([pool, up])
+
+
+@op("interpolate", "pooling.interpolate", linear=True)
+def _(r):
+    mode = r.choice(["nearest", "nearest-exact", "bilinear", "area"])
+    align = r.choice([None, True]) if mode == "bilinear" else None
+    return (lambda x, m: F.interpolate(F.interpolate(x, size=(6, 5), mode=mode, align_corners=align), size=(4, 4),
+                                       mode=mode, align_corners=align)), _id()
+
+
+@op("unfold", "pooling.unfold linear.linear_module shape.flatten shape.view", linear=True)
+def _(r):
+    return (lambda x, m: m(F.unfold(x, 2).flatten(1)).view(-1, 4, 4, 4)), nn.Linear(16 * 9, 64)
+
+
+@op("reduce", "pooling.reduce", linear=True)
+def _(r):
+    form = r.choice(["mean", "sum", "method"])
+    fns = {"mean": lambda x, m: x + torch.mean(x, dim=(2, 3), keepdim=True),
+           "sum": lambda x, m: x - torch.sum(x, 1, keepdim=True), "method": lambda x, m: x + x.mean(-1, keepdim=True)}
+    return fns[form], _id()
+
+
+# -- shape -------------------------------------------------------------------------------------
+@op("reshapes", "shape.view shape.reshape shape.flatten shape.squeeze shape.unsqueeze shape.unflatten shape.view_as "
+                "shape.flatten_module", linear=True)
+def _(r):
+    form = r.choice(["view", "reshape", "squeeze", "unflatten", "view_as", "module"])
+    fns = {"view": lambda x, m: 2 * x.reshape(-1, 64).view(-1, 4, 4, 4),
+           "reshape": lambda x, m: torch.reshape(x.reshape(x.shape[0], 16, 4), (-1, 4, 4, 4)),
+           "squeeze": lambda x, m: torch.squeeze(x.unsqueeze(1), 1) + x.unsqueeze(-1).squeeze(-1),
+           "unflatten": lambda x, m: torch.flatten(x, 1).unflatten(1, (4, 4, 4)),
+           "view_as": lambda x, m: x.flatten(2).view_as(x) + x.flatten(1).reshape_as(x),
+           "module": lambda x, m: m[1](m[0](x))}
+    return fns[form], nn.ModuleList([nn.Flatten(), nn.Unflatten(1, (4, 4, 4))])
+
+
+@op("permutes", "shape.permute shape.permute_method shape.transpose shape.movedim", linear=True)
+def _(r):
+    form = r.choice(["permute", "method", "transpose", "movedim", "swap"])
+    fns = {"permute": lambda x, m: torch.permute(x, (0, 1, 3, 2)),
+           "method": lambda x, m: x.permute(0, 2, 3, 1).permute([0, 3, 1, 2]).transpose(2, 3),
+           "transpose": lambda x, m: torch.transpose(x, 1, 3),
+           "movedim": lambda x, m: torch.movedim(x, 1, 3) + x.moveaxis(2, 3),
+           "swap": lambda x, m: x.swapaxes(1, 2) + torch.swapdims(x, 2, 3)}
+    return fns[form], _id()
+
+
+@op("index", "shape.getitem shape.cat", linear=True)
+def _(r):
+    form = r.choice(["slice", "ellipsis", "none", "advanced", "int"])
+    fns = {"slice": lambda x, m: torch.cat([x[:, :, 1:], 3 * x[:, :, :1]], 2),
+           "ellipsis": lambda x, m: torch.cat([x[..., 2:], x[..., :2]], -1),
+           "none": lambda x, m: x[:, None, :, :][:, 0],
+           "advanced": lambda x, m: x[:, m.idx] + x[:, :, m.idx],
+           "int": lambda x, m: torch.cat([x[:, i:i + 1] * (i + 1) for i in range(4)], 1)}
+    return fns[form], Const(idx=torch.tensor([0, 0, 3, 1]))
+
+
+@op("splits", "shape.chunk shape.split shape.unbind shape.cat shape.concatenate shape.stack shape.getitem",
+    linear=True)
+def _(r):
+    form = r.choice(["chunk", "split", "unbind", "concatenate", "method"])
+
+    def unbind(x, m):
+        a, b, c, d = x.unbind(1)
+        return torch.stack([d, 2 * a, b, c], 1)
+
+    fns = {"chunk": lambda x, m: torch.cat(x.chunk(2, 1)[::-1], 1) + 3 * torch.chunk(x, 4, 2)[1].repeat(1, 1, 4, 1),
+           "split": lambda x, m: torch.cat(torch.split(x, [1, 3], 1)[::-1], 1),
+           "unbind": unbind,
+           "concatenate": lambda x, m: torch.concatenate([x[:, 2:], x[:, :2]], axis=1),
+           "method": lambda x, m: torch.cat([x.split(2, 3)[1], 5 * x.chunk(2, 3)[0]], 3)}
+    return fns[form], _id()
+
+
+@op("expands", "shape.expand shape.expand_as shape.broadcast_to", linear=True)
+def _(r):
+    form = r.choice(["expand", "expand_as", "broadcast", "const_expand_as"])
+    fns = {"expand": lambda x, m: x[:, :1].expand(-1, 4, -1, -1),
+           "expand_as": lambda x, m: x[:, :, :1].expand_as(x) + x,
+           "broadcast": lambda x, m: torch.broadcast_to(x.mean(1, keepdim=True), (x.shape[0], 4, 4, 4)),
+           "const_expand_as": lambda x, m: x + m.c.expand_as(x)}
+    return fns[form], Const(c=_randn(r, 1, 4, 1, 1))
+
+
+@op("pad", "shape.pad shape.pad_module", linear=True)
+def _(r):
+    value = r.uniform(-1, 1)
+    if r.random() < 0.5:
+        return (lambda x, m: F.pad(F.pad(x, (1, 1, 2, 1), value=value), (-1, -1, -1, -1))[:, :, 1:]), _id()
+    return (lambda x, m: m(x)[:, :, 1:5, 2:6]), r.choice([nn.ZeroPad2d(2), nn.ConstantPad2d(2, 0.5)])
+
+
+@op("copies", "shape.flip shape.flip_method shape.roll shape.repeat shape.getitem", linear=True)
+def _(r):
+    form = r.choice(["flip", "method", "roll", "repeat"])
+    fns = {"flip": lambda x, m: x + torch.flip(x, (2, 3)), "method": lambda x, m: x.flip(1) - x.flip([3]),
+           "roll": lambda x, m: torch.roll(x, (1, -2), (2, 3)) + x.roll(1, 1),
+           "repeat": lambda x, m: x.repeat(1, 2, 1, 1)[:, 1:5] + x.repeat(1, 1, 1, 2)[..., 3:7]}
+    return fns[form], _id()
+
+
+@op("pixel_shuffle", "shape.pixel_shuffle shape.pixel_unshuffle shape.pixel_shuffle_module "
+                     "shape.pixel_unshuffle_module", linear=True)
+def _(r):
+    if r.random() < 0.5:
+        return (lambda x, m: F.pixel_unshuffle(F.pixel_shuffle(x, 2).flip(3), 2)), _id()
+    return (lambda x, m: m[1](m[0](x).roll(1, 2))), nn.ModuleList([nn.PixelShuffle(2), nn.PixelUnshuffle(2)])
+
+
+@op("detach", "shape.detach", linear=True, autograd=False)
+def _(r):
+    return (lambda x, m: 2 * x.detach() - x), _id()
+
+
+@op("identities", "shape.contiguous shape.clone shape.cast shape.to shape.type_as shape.type_ "
+                  "shape.identity_module", linear=True)
+def _(r):
+    form = r.choice(["contiguous", "clone", "cast", "to", "type", "identity"])
+    fns = {"contiguous": lambda x, m: x.transpose(2, 3).contiguous(), "clone": lambda x, m: x.clone() + torch.clone(x),
+           "cast": lambda x, m: x.double().float().to(x.dtype),
+           "to": lambda x, m: x.to(torch.float64).to(x.dtype), "type": lambda x, m: x.type(torch.float64).type_as(x),
+           "identity": lambda x, m: m(x)}
+    return fns[form], nn.Identity()
+
+
+@op("dropout_eval", "shape.dropout shape.dropout_module shape.drop_path_module", linear=True)
+def _(r):
+    form = r.choice(["F", "module", "drop_path"])
+    if form == "F":
+        return (lambda x, m: F.dropout(x, 0.5, training=False) + F.dropout2d(x, 0.2, False)), _id()
+    return (lambda x, m: m(x)), (nn.Dropout(0.3) if form == "module" else DropPath(0.2)).eval()
+
+
+# -- drawing graphs ----------------------------------------------------------------------------
+class Drawn(nn.Module):
+    """A chain of vocabulary ops (some residual) and a dense head to ``CLASSES`` logits."""
+
+    def __init__(self, ops: list[Op], seed: int) -> None:
+        super().__init__()
+        r = random.Random(seed)
+        self.names = [o.name for o in ops]
+        built = [o.build(r) for o in ops]
+        self.fns = [fn for fn, _ in built]
+        self.mods = nn.ModuleList([m for _, m in built])
+        self.residual = [r.choice([0.0, 0.0, r.uniform(-1, 1)]) for _ in ops]
+        self.head = nn.Linear(64, CLASSES)
+        with torch.no_grad():
+            self.head.weight.mul_(r.uniform(0.5, 4))
+
+    def forward(self, x):
+        for fn, mod, res in zip(self.fns, self.mods, self.residual):
+            y = fn(x, mod)
+            x = y + res * x if res else y
+        return self.head(x.flatten(1))
+
+
+def draw(index: int, seed: int, length: tuple[int, int] = (1, 4), linear_only: bool = False) -> Drawn:
+    """Graph ``index``: vocabulary op ``index`` (so every op is drawn) plus random others."""
+    r = random.Random(seed * 100_003 + index)
+    pool = [o for o in VOCABULARY if o.linear] if linear_only else [o for o in VOCABULARY if o.autograd]
+    first = pool[index % len(pool)]
+    ops = [first] + [r.choice(pool) for _ in range(r.randint(*length) - 1)]
+    r.shuffle(ops)
+    return Drawn(ops, seed * 7919 + index).eval()
+
+
+# -- what must be refused ----------------------------------------------------------------------
+class _Single(nn.Module):
+    def __init__(self, fn, mod=None) -> None:
+        super().__init__()
+        self.fn, self.mod, self.head = fn, mod if mod is not None else nn.Identity(), nn.Linear(64, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.fn(x, self.mod).reshape(x.shape[0], -1)[:, :64])
+
+
+def _hooked_linear():
+    layer = nn.Linear(64, 64)
+    layer.register_forward_hook(lambda m, i, o: o * 100)
+    return layer
+
+
+def _reads_after_write(x, m):
+    y = x * 1.0
+    z = y.relu_()
+    return z + (-y).relu()
+
+
+def _reads_after_inplace_module(x, m):
+    y = 2 * x
+    m(y)
+    return y - x
+
+
+#: (name, model, rule it exercises or None) for models that must be refused with a CertifyFxError.
+REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
+    ("layer_norm_module", lambda: _Single(lambda x, m: m(x), nn.LayerNorm([4, 4, 4])), "refusals.normalization_module"),
+    ("group_norm", lambda: _Single(lambda x, m: F.group_norm(x, 2)), "refusals.normalization"),
+    ("normalize", lambda: _Single(lambda x, m: F.normalize(x, dim=1)), "refusals.normalize"),
+    ("attention", lambda: _Single(lambda x, m: m(x.flatten(2), x.flatten(2), x.flatten(2))[0],
+                                  nn.MultiheadAttention(16, 1, batch_first=True)), "refusals.attention_module"),
+    ("sdpa", lambda: _Single(lambda x, m: F.scaled_dot_product_attention(x, x, x)), "refusals.attention"),
+    ("einsum", lambda: _Single(lambda x, m: torch.einsum("bchw,bchw->bchw", x, x)), "refusals.attention"),
+    ("lstm", lambda: _Single(lambda x, m: m(x.flatten(2))[0], nn.LSTM(16, 16, batch_first=True)),
+     "refusals.recurrent_module"),
+    ("product", lambda: _Single(lambda x, m: x * x.sigmoid()), "linear.mul"),
+    ("matmul_qk", lambda: _Single(lambda x, m: x @ x.transpose(2, 3)), "linear.matmul"),
+    ("div_by_input", lambda: _Single(lambda x, m: x / (x.abs() + 1)), "linear.div"),
+    ("sub_tensor_alpha", lambda: _Single(lambda x, m: torch.sub(x, x, alpha=torch.tensor(2.0))), "linear.sub"),
+    ("clamp_input_min", lambda: _Single(lambda x, m: torch.clamp(x, min=10 * x)), "activations.clamp"),
+    ("clip_input_max", lambda: _Single(lambda x, m: torch.clip(x, max=-4 * x)), "activations.clamp"),
+    ("linear_input_bias", lambda: _Single(lambda x, m: F.linear(x.flatten(1), torch.eye(64), bias=3 * x.flatten(1))),
+     "linear.linear"),
+    ("softplus_jump", lambda: _Single(lambda x, m: m(x), nn.Softplus(threshold=0.0)), "activations.softplus_module"),
+    ("softplus_jump_F", lambda: _Single(lambda x, m: F.softplus(x, 1.0, 1.0)), "activations.softplus"),
+    ("celu_negative", lambda: _Single(lambda x, m: F.celu(x, -1.0)), "activations.celu"),
+    ("celu_module_negative", lambda: _Single(lambda x, m: m(x), nn.CELU(-0.5)), "activations.celu_module"),
+    ("softmax_batch", lambda: _Single(lambda x, m: F.softmax(x, dim=0)), "activations.softmax_function"),
+    ("softmax_no_dim", lambda: _Single(lambda x, m: m(x), nn.Softmax()), "activations.softmax_module"),
+    ("sum_batch", lambda: _Single(lambda x, m: x - x.sum(0, keepdim=True)), "pooling.reduce"),
+    ("mean_all", lambda: _Single(lambda x, m: x - x.mean()), "pooling.reduce"),
+    ("amax_all", lambda: _Single(lambda x, m: x - torch.amax(x)), "activations.amax"),
+    ("max_all", lambda: _Single(lambda x, m: x - x.max()), "activations.max_"),
+    ("max_indices", lambda: _Single(lambda x, m: x + x.max(1, keepdim=True)[1].float()), "shape.getitem"),
+    ("sort_indices", lambda: _Single(lambda x, m: x.sort(1).indices.float()), "shape.getattr_"),
+    ("pool_indices", lambda: _Single(lambda x, m: F.max_pool2d(x, 3, 1, 1, return_indices=True)[1].float()),
+     "shape.getitem"),
+    ("flip_batch", lambda: _Single(lambda x, m: x.flip(0)), "shape.flip_method"),
+    ("roll_flat", lambda: _Single(lambda x, m: x.roll(3)), "shape.roll"),
+    ("cat_batch", lambda: _Single(lambda x, m: torch.cat([x, x], 0)[:2]), "shape.cat"),
+    ("permute_batch", lambda: _Single(lambda x, m: x.permute(1, 0, 2, 3)), "shape.permute_method"),
+    ("index_batch", lambda: _Single(lambda x, m: x[[1, 0]]), "shape.getitem"),
+    ("interpolate_bicubic", lambda: _Single(lambda x, m: F.interpolate(x, scale_factor=2, mode="bicubic")),
+     "pooling.interpolate"),
+    ("reflect_pad", lambda: _Single(lambda x, m: F.pad(x, (1, 1, 1, 1), mode="reflect")), "shape.pad"),
+    ("dropout_training", lambda: _Single(lambda x, m: F.dropout(x, 0.5)), "shape.dropout"),
+    ("dropout_module_training", lambda: _Single(lambda x, m: m(x), nn.Dropout(1.0).train()), "shape.dropout_module"),
+    ("batch_norm_training", lambda: _Single(lambda x, m: m(x), nn.BatchNorm2d(4).train()),
+     "normalization.batch_norm_module"),
+    ("cast_half", lambda: _Single(lambda x, m: x.half().float()), "shape.cast"),
+    ("cast_bfloat16", lambda: _Single(lambda x, m: x.to(torch.bfloat16).float()), "shape.to"),
+    ("cast_int", lambda: _Single(lambda x, m: x.to(torch.int32).float()), "shape.to"),
+    ("view_dtype", lambda: _Single(lambda x, m: x.view(torch.int32).float()), "shape.view"),
+    ("round", lambda: _Single(lambda x, m: torch.round(x)), None),
+    ("compare", lambda: _Single(lambda x, m: (x > 0).float()), None),
+    ("hook_leaf", lambda: _Single(lambda x, m: m(x.flatten(1)), _hooked_linear()), None),
+    ("inplace_reread", lambda: _Single(_reads_after_write), None),
+    ("inplace_module_reread", lambda: _Single(_reads_after_inplace_module, nn.ReLU(inplace=True)), None),
+    ("inplace_on_input", lambda: _Single(lambda x, m: x.relu_()), None),
+    ("random", lambda: _Single(lambda x, m: x + torch.randn_like(x)), None),
+    ("random_shape", lambda: _Single(lambda x, m: x + torch.randn(x.shape)), None),
+    ("out_kwarg", lambda: _Single(lambda x, m: torch.add(x, 1.0, out=torch.empty(2, 4, 4, 4))), None),
+    ("tuple_output", lambda: _TupleOut(), None),
+]
+
+
+class _TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, CLASSES)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x
