@@ -208,6 +208,8 @@ def check_graph(model: nn.Module, gm: fx.GraphModule, recording: Recording) -> N
 class Evaluator(fx.Interpreter):
     """Abstract interpreter computing Lipschitz bounds; the rules (:mod:`.rules`) extend it.
 
+    It is the :class:`~.registry.RuleContext` every rule receives as ``ev``.
+
     Args:
         gm: the traced model.
         recording: shapes, dtypes, shape-only values and dependence from an example run.

@@ -36,7 +36,7 @@ class Fingerprint:
 def _tensor_crc(t: torch.Tensor, crc: int) -> int:
     data = t.detach().reshape(-1).contiguous()
     if data.numel():
-        crc = zlib.crc32(data.view(torch.uint8).cpu().numpy().tobytes(), crc)
+        crc = zlib.crc32(data.view(torch.uint8).cpu().numpy(), crc)  # reads the buffer, no copy
     return zlib.crc32(f"{tuple(t.shape)}{t.dtype}".encode(), crc)
 
 

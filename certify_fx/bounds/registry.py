@@ -39,16 +39,41 @@ from __future__ import annotations
 import inspect
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .operators import LinearOperator
+from .values import Shape, Tracked
+
 __all__ = [
-    "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule",
+    "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule",
     "all_rules", "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES",
 ]
+
+
+class RuleContext(Protocol):
+    """What a rule's first argument ``ev`` offers (the compiler's evaluator implements it)."""
+
+    node: fx.Node  #: the node being bounded
+    dtype: torch.dtype  #: the model's parameter dtype (for constants a rule builds)
+
+    def shape(self, node: fx.Node | None = None, part: int | None = None) -> Shape:
+        """The node's output shape without the batch dim (``part``: one tensor of a tuple result)."""
+
+    def fail(self, reason: str, fix: str | None = None, error: type | None = None) -> None:
+        """Refuse the node: raises an error naming the node, its op, ``reason`` and ``fix``."""
+
+    def linear(self, value: Tracked, op: LinearOperator) -> Tracked:
+        """``op`` applied to ``value`` (folded with what came before)."""
+
+    def nonlinear(self, value: Tracked, constant: float, what: str | None = None, part: int | None = None) -> Tracked:
+        """A map with global Lipschitz constant ``constant`` applied to ``value``."""
+
+    def apply_module(self, module: nn.Module, value: Tracked) -> Tracked:
+        """``module``'s own rule applied to ``value`` (modules nested in a leaf)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 
 from ..operators import Expand
+from ..registry import RuleContext
 from ..values import Tracked
-
-if TYPE_CHECKING:  # the compiler imports the rules, never the other way round
-    from ..compiler import Evaluator
 
 __all__ = ["FIX_NORMALIZATION", "FIX_ATTENTION", "FIX_PRODUCT", "FIX_EVAL", "feature_dims", "feature_dim", "broadcast",
            "multiplier", "int_tuple", "number"]
@@ -30,7 +28,7 @@ FIX_PRODUCT = (
 FIX_EVAL = "call model.eval() before bounding or certifying"
 
 
-def feature_dims(ev: "Evaluator", dims: int | Iterable[int] | None, ndim: int, what: str = "the operation") -> tuple[int, ...]:
+def feature_dims(ev: RuleContext, dims: int | Iterable[int] | None, ndim: int, what: str = "the operation") -> tuple[int, ...]:
     """Dims of a batched ``ndim``-d tensor as non-batch indices; refuses the batch dim and ``None``
     (which means every dim, batch included)."""
     if dims is None or (not isinstance(dims, int) and len(tuple(dims)) == 0):
@@ -44,17 +42,17 @@ def feature_dims(ev: "Evaluator", dims: int | Iterable[int] | None, ndim: int, w
     return tuple(d - 1 for d in normal)
 
 
-def feature_dim(ev: "Evaluator", dim: int | None, ndim: int, what: str = "the operation") -> int:
+def feature_dim(ev: RuleContext, dim: int | None, ndim: int, what: str = "the operation") -> int:
     (d,) = feature_dims(ev, dim, ndim, what)
     return d
 
 
-def broadcast(ev: "Evaluator", value: Tracked, shape: tuple[int, ...]) -> Tracked:
+def broadcast(ev: RuleContext, value: Tracked, shape: tuple[int, ...]) -> Tracked:
     """``value`` broadcast to ``shape`` (no batch dim): a copy map of norm sqrt(copies)."""
     return value if value.shape == tuple(shape) else ev.linear(value, Expand(value.shape, tuple(shape)))
 
 
-def multiplier(ev: "Evaluator", const: Any) -> torch.Tensor:
+def multiplier(ev: RuleContext, const: Any) -> torch.Tensor:
     """A constant as a multiplier broadcastable to the current node's shape (batch removed)."""
     if isinstance(const, bool) or not isinstance(const, (int, float, torch.Tensor)):
         ev.fail(f"multiplication by {type(const).__name__} is not supported")
