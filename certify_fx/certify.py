@@ -181,6 +181,10 @@ def certify(
     margin = bound.estimate if use_estimate else bound.margin
     with torch.inference_mode():
         logits = model(x)
+    if not isinstance(logits, torch.Tensor) or logits.shape != (x.shape[0], bound.num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise StaleBoundError(f"the model returned logits of shape {shape} for {x.shape[0]} inputs; the bound is for "
+                              f"(batch, {bound.num_classes}) logits")
     pred, radius = certified_radius(logits, margin)
     return Certificate(pred, radius, float(eps), sound=not use_estimate)
 

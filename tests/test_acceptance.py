@@ -298,3 +298,16 @@ def test_timm_dpn68_bounds_soundly():
     b = cfx.bound(model, (3, 32, 32), estimate_steps=0)
     lower = empirical_margin_lipschitz(model.double(), (3, 32, 32), 0, 1, restarts=1, steps=10)
     assert b.sound and b.margin[0, 1].item() >= lower
+
+
+def test_batch_mixing_hidden_by_a_shape_coincidence_is_refused():
+    class Mixer(nn.Module):  # reshape(x.shape[1], -1): the batch only while batch == channels == 2
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(x.reshape(x.shape[1], -1))
+
+    with pytest.raises(cfx.UnsupportedNodeError, match="batch"):
+        cfx.bound(Mixer().eval(), (2, 4))

@@ -168,32 +168,60 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Recording:
-    """Run ``gm`` once on an example batch (batch 2); buffers (BatchNorm statistics) are restored."""
-    dependence = input_dependence(gm)
+def _run_example(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], input_shape: tuple[int, ...],
+                 batch: int) -> Recording:
     recorder = _Recorder(gm, dependence)
     params = next(iter(gm.parameters()), None)
     dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
     device = params.device if params is not None else "cpu"
-    saved = [b.detach().clone() for b in gm.buffers()]
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         with torch.no_grad():
-            recorder.run(example_input(tuple(input_shape), _EXAMPLE_BATCH, dtype, device))
+            recorder.run(example_input(tuple(input_shape), batch, dtype, device))
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(gm.buffers(), saved):
-                buffer.copy_(value)
+        for buffer, value in saved:
+            buffer.data = value  # by value: a run may have resized a buffer
     return recorder.recording
 
 
-def check_graph(model: nn.Module, gm: fx.GraphModule, recording: Recording) -> None:
-    """Refuse what the graph hides: hooks, random ops, in-place writes that are read again."""
+def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Recording:
+    """Run ``gm`` on an example batch of 2 (and of 3, to prove that every input-dependent tensor keeps
+    the batch in front and nothing else depends on the batch size); buffers are restored."""
+    dependence = input_dependence(gm)
+    recording = _run_example(gm, dependence, input_shape, _EXAMPLE_BATCH)
+    try:
+        other = _run_example(gm, dependence, input_shape, _EXAMPLE_BATCH + 1)
+    except UnsupportedNodeError as exc:
+        raise UnsupportedNodeError(exc.node, exc.op, "the model fails on a batch of another size (it depends on "
+                                   f"the batch size): {exc.reason}", "use the batch size from x.shape[0]") from None
+    for node in gm.graph.nodes:
+        if dependence[node] != Dependence.INPUT:
+            continue
+        for key in [node.name] + [k for k in recording.shapes if k.startswith(node.name + ".")]:
+            two, three = recording.shapes.get(key), other.shapes.get(key)
+            if not two or two[0] != _EXAMPLE_BATCH or three is None:
+                continue  # a batch dim that is visibly gone is refused by the node's rule, with its reason
+            if not three or three[0] != _EXAMPLE_BATCH + 1 or two[1:] != three[1:]:
+                raise _node_error(gm, node, f"the batch dimension does not stay in front (shape {two} for a batch of "
+                                  f"2, {three} for a batch of 3): the operation mixes examples of a batch",
+                                  "keep the batch as dim 0 and use x.shape[0] for it")
+    return recording
 
+
+def _fail_at(gm: fx.GraphModule):
     def fail(node, reason, fix=None):
         raise _node_error(gm, node, reason, fix)
 
+    return fail
+
+
+def check_structure(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Refuse, before running anything, what the graph hides: hooks, random ops, ``out=`` writes."""
+    fail = _fail_at(gm)
     check_hooks(model, gm, fail)
     for node in gm.graph.nodes:
+        if node.kwargs.get("out") is not None:
+            fail(node, "writes into an `out=` tensor", "drop `out=` and use the returned tensor")
         random = ((node.op == "call_function" and node.target in rules.refusals.RANDOM_FUNCTIONS)
                   or (node.op == "call_method" and node.target in rules.refusals.RANDOM_METHODS)
                   or (node.op == "call_module" and isinstance(gm.get_submodule(node.target),
@@ -202,7 +230,15 @@ def check_graph(model: nn.Module, gm: fx.GraphModule, recording: Recording) -> N
         if random:
             fail(node, "a random operation makes the model more than one function, so no certificate holds",
                  "remove it, or call model.eval()")
-    check_mutations(gm, recording.dependence, recording.shapes, fail)
+
+
+def traced_and_recorded(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[fx.GraphModule, Recording]:
+    """Trace ``model``, check its structure, record an example run and check its in-place ops."""
+    gm = trace(model)
+    check_structure(model, gm)
+    recording = record(gm, input_shape)
+    check_mutations(gm, recording.dependence, recording.shapes, _fail_at(gm))
+    return gm, recording
 
 
 class Evaluator(fx.Interpreter):
@@ -350,7 +386,7 @@ class Evaluator(fx.Interpreter):
 
     def _input_dependent(self, n: fx.Node) -> Any:
         if not n.users:
-            return None  # dead code: nothing reads it (side effects were checked by check_graph)
+            return None  # dead code: nothing reads it (side effects were checked before)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if n.op == "call_module":
             module = self.fetch_attr(n.target)
@@ -481,10 +517,10 @@ class BoundCompiler(nn.Module):
         self.materialize_limit = materialize_limit
         # not submodules: see the class docstring
         self.__dict__["model"] = model
-        self.__dict__["graph_module"] = trace(model)
-        self.structure = model_fingerprint(model).structure
-        self._recording = record(self.graph_module, self.input_shape)
-        check_graph(model, self.graph_module, self._recording)
+        gm, self._recording = traced_and_recorded(model, self.input_shape)
+        self.__dict__["graph_module"] = gm
+        # after tracing: fx keeps tensor constants as attributes of the traced root
+        self.structure = model_fingerprint(model, weights=False).structure
         self._iterate_names: dict[str, str] = {}
         with torch.no_grad():
             self.estimate(steps=0)  # discovers every operator and allocates its iterate
@@ -590,8 +626,7 @@ def linear_form(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Tracked:
     The result's ``form`` has the input placeholder as its only source exactly when the graph is
     affine in its input; used by the folding passes of :mod:`certify_fx.transforms`.
     """
-    recording = record(gm, _check_input_shape(input_shape))
-    check_graph(gm, gm, recording)
+    gm, recording = traced_and_recorded(gm, _check_input_shape(input_shape))
 
     def no_norm(op: LinearOperator, key: str) -> Lipschitz:
         return Lipschitz(math.nan, math.nan, False)
