@@ -49,9 +49,9 @@ def round_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(below, torch.nextafter(cast, torch.full_like(cast, math.inf)), cast)
 
 
-def check_input_shape(bound: LipschitzBound, x: torch.Tensor) -> None:
-    """Raise :class:`StaleBoundError` unless the batch ``x`` has the input shape ``bound`` holds for."""
-    shape = tuple(x.shape[1:])
+def check_input_shape(bound: LipschitzBound, input_shape: tuple[int, ...]) -> None:
+    """Raise :class:`StaleBoundError` unless ``bound`` holds for inputs of ``input_shape``."""
+    shape = tuple(input_shape)
     if tuple(bound.input_shape) != shape:
         raise StaleBoundError(f"the bound was computed for inputs of shape {tuple(bound.input_shape)}, not "
                               f"{shape}; compute it for this shape with certify_fx.bound(model, {shape})")
@@ -60,7 +60,7 @@ def check_input_shape(bound: LipschitzBound, x: torch.Tensor) -> None:
 def check_bound(model: nn.Module, bound: LipschitzBound, input_shape: tuple[int, ...]) -> None:
     """Raise :class:`StaleBoundError` unless ``bound`` was proven for ``model`` as it is now and for
     inputs of ``input_shape``."""
-    check_input_shape(bound, torch.empty(0, *input_shape, device="meta"))
+    check_input_shape(bound, input_shape)
     if bound.fingerprint is None:
         raise StaleBoundError("the bound does not record which model it was proven for; compute it with "
                               "certify_fx.bound(model, input_shape)")
@@ -132,15 +132,6 @@ def certified_radius(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.
     finite = torch.isfinite(values).all(dim=1) & bool(torch.isfinite(k).all())
     radius = torch.where(finite, torch.nan_to_num(radius, nan=0.0, posinf=torch.inf), 0.0)
     return pred, radius
-
-
-def _input_shape(model: nn.Module, x: torch.Tensor | None) -> tuple[int, ...]:
-    if x is not None:
-        return tuple(x.shape[1:])
-    shape = configured_input_shape(model)
-    if shape is not None:
-        return shape
-    raise ValueError("pass input_shape (one input's shape without batch, e.g. (3, 32, 32))")
 
 
 def certify(
@@ -254,16 +245,19 @@ class GloRo(nn.Module):
     @property
     def compiler(self) -> BoundCompiler:
         """The bound compiler for the model's current structure (its iterates are in ``state_dict``)."""
+        return self._compiler_for(model_fingerprint(self.model, weights=False).structure)
+
+    def _compiler_for(self, structure: int) -> BoundCompiler:
         if self._compiler is None:
             raise CertifyFxError("GloRo has no input shape yet: run one forward pass or pass input_shape")
-        if model_fingerprint(self.model, weights=False).structure != self._compiler.structure:
+        if structure != self._compiler.structure:
             self._compile(self._compiler.input_shape)
         return self._compiler
 
     def lipschitz_bound(self) -> LipschitzBound:
         """The proven bound for the current weights (cached until they change)."""
-        compiler = self.compiler
         key = model_fingerprint(self.model)
+        compiler = self._compiler_for(key.structure)
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, compiler.sound_bound(estimate_steps=0))
         return self._cached[1]

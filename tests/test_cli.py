@@ -56,6 +56,24 @@ def test_bound_errors_are_one_clear_line():
     assert proc.returncode != 0 and "neither a timm model name" in proc.stderr
 
 
+def test_a_refused_user_model_is_one_error_line(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                return self.fc(x.half().float())
+    """))
+    proc = run("bound", f"{path}:Net", "--input-size", "4", "--trust-source", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: node 'half'"), proc.stderr
+
+
 def test_convert_then_bound_from_a_fresh_process(tmp_path):
     out = tmp_path / "r18.pt"
     proc = run("convert", "resnet18", "--to", "liresnet", "--num-classes", "10", "--input-size", "3,32,32",

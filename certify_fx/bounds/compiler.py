@@ -33,10 +33,10 @@ from ..tracing import example_input, trace
 from . import registry, rules
 from .dependence import Dependence, check_hooks, check_mutations, input_dependence
 from .fingerprint import Fingerprint, model_fingerprint
-from .norms import SAFETY, NormBound
+from .norms import SAFETY
 from .operators import Compose, Dense, Identity, LinearOperator, compose, has_exact_bound, materialized_bound
 from .power_iteration import power_iteration
-from .values import Lipschitz, NodeBound, Refused, Shape, Tracked, TupleResult, find_refused, has_tracked
+from .values import Lipschitz, NodeBound, Refused, Shape, Tracked, find_refused, has_tracked
 
 __all__ = ["Tracked", "NodeBound", "LipschitzBound", "BoundCompiler", "bound", "Recording", "record", "linear_form"]
 
@@ -194,17 +194,15 @@ def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Recording:
     except UnsupportedNodeError as exc:
         raise UnsupportedNodeError(exc.node, exc.op, "the model fails on a batch of another size (it depends on "
                                    f"the batch size): {exc.reason}", "use the batch size from x.shape[0]") from None
-    for node in gm.graph.nodes:
-        if dependence[node] != Dependence.INPUT:
-            continue
-        for key in [node.name] + [k for k in recording.shapes if k.startswith(node.name + ".")]:
-            two, three = recording.shapes.get(key), other.shapes.get(key)
-            if not two or two[0] != _EXAMPLE_BATCH or three is None:
-                continue  # a batch dim that is visibly gone is refused by the node's rule, with its reason
-            if not three or three[0] != _EXAMPLE_BATCH + 1 or two[1:] != three[1:]:
-                raise _node_error(gm, node, f"the batch dimension does not stay in front (shape {two} for a batch of "
-                                  f"2, {three} for a batch of 3): the operation mixes examples of a batch",
-                                  "keep the batch as dim 0 and use x.shape[0] for it")
+    input_nodes = {n.name: n for n, d in dependence.items() if d == Dependence.INPUT}
+    for key, two in recording.shapes.items():  # keys are node names, or "name.i" for tuple parts
+        node, three = input_nodes.get(key.split(".")[0]), other.shapes.get(key)
+        if node is None or not two or two[0] != _EXAMPLE_BATCH or three is None:
+            continue  # a batch dim that is visibly gone is refused by the node's rule, with its reason
+        if not three or three[0] != _EXAMPLE_BATCH + 1 or two[1:] != three[1:]:
+            raise _node_error(gm, node, f"the batch dimension does not stay in front (shape {two} for a batch of "
+                              f"2, {three} for a batch of 3): the operation mixes examples of a batch",
+                              "keep the batch as dim 0 and use x.shape[0] for it")
     return recording
 
 
@@ -314,11 +312,14 @@ class Evaluator(fx.Interpreter):
 
     def apply_module(self, module: nn.Module, value: Tracked) -> Tracked:
         """Apply ``module``'s rule to ``value`` (for modules nested in a leaf, e.g. timm's BatchNormAct2d)."""
+        return self.apply(self._module_rule(module), (value,), {}, module)
+
+    def _module_rule(self, module: nn.Module) -> registry.Rule:
         rule = registry.module_rule(module)
         if rule is None:
-            self.fail(f"no Lipschitz rule for the nested module {type(module).__name__}",
-                      "replace it, or register one with certify_fx.bounds.register_module_rule")
-        return self.apply(rule, (value,), {}, module)
+            self.fail(f"no Lipschitz rule for module type {type(module).__module__}.{type(module).__name__}",
+                      "replace the module, or register a rule with certify_fx.bounds.register_module_rule")
+        return rule
 
     def apply(self, rule: registry.Rule, args: tuple, kwargs: dict, module: nn.Module | None = None) -> Any:
         """Bind the call's arguments to the rule's signature, check which may carry the input, run it."""
@@ -390,10 +391,7 @@ class Evaluator(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if n.op == "call_module":
             module = self.fetch_attr(n.target)
-            rule = registry.module_rule(module)
-            if rule is None:
-                self.fail(f"no Lipschitz rule for module type {type(module).__module__}.{type(module).__name__}",
-                          "replace the module, or register a rule with certify_fx.bounds.register_module_rule")
+            rule = self._module_rule(module)
         else:
             module = None
             rule = registry.lookup(n.op, n.target)
@@ -593,6 +591,10 @@ class BoundCompiler(nn.Module):
     @torch.no_grad()
     def sound_bound(self, estimate_steps: int = 100, tol: float = 1e-6) -> LipschitzBound:
         """The proven bound (and a power-iteration estimate with ``estimate_steps`` iterations)."""
+        fingerprint = model_fingerprint(self.model)
+        if fingerprint.structure != self.structure:
+            raise CertifyFxError("the model's structure changed since it was traced (a replaced submodule, a "
+                                 "changed attribute, a hook); compile it again")
         norm = self._sound_norm(estimate_steps, tol)
         evaluator, (margin, estimate, penultimate, sound) = self._run(norm, self._margin_fn(True, norm))
         margin = margin.clone()
@@ -602,10 +604,6 @@ class BoundCompiler(nn.Module):
         if not estimate_steps:
             estimate.fill_(math.nan)
         sound = sound and bool(torch.isfinite(margin).all())  # NaN/inf weights: nothing is proven
-        fingerprint = model_fingerprint(self.model)
-        if fingerprint.structure != self.structure:
-            raise CertifyFxError("the model's structure changed since it was traced (a replaced submodule, a "
-                                 "changed attribute, train/eval mode, a hook); compile it again")
         return LipschitzBound(margin, estimate, penultimate, sound, evaluator.rows, self.input_shape, fingerprint)
 
     def estimate(self, steps: int = 1, tol: float | None = None) -> torch.Tensor:

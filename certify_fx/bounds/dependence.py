@@ -120,11 +120,9 @@ def _binds_inplace(target: Callable, args: tuple, kwargs: dict) -> bool:
     return bound.arguments.get("inplace") is True
 
 
-def mutated_argument(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None | bool:
-    """The node an op writes into, ``None`` if it writes nothing, ``True`` if it writes somewhere else
-    (an ``out=`` tensor)."""
-    if node.kwargs.get("out") is not None:
-        return True
+def mutated_argument(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The node an in-place op writes into (``None`` if it writes nothing, or into a non-node;
+    ``out=`` writes are refused before, by the compiler's structure check)."""
     first = node.args[0] if node.args else None
     if node.op == "call_method":
         name = node.target
@@ -152,7 +150,7 @@ def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node``'s output may share storage with one of its tensor arguments."""
     if node.op not in ("call_function", "call_method", "call_module"):
         return False
-    if isinstance(mutated_argument(node, gm), fx.Node):
+    if mutated_argument(node, gm) is not None:
         return True  # an in-place op returns the tensor it wrote
     rule = registry.lookup_node(node, gm)
     return rule is None or rule.may_alias
@@ -173,14 +171,13 @@ def check_mutations(gm: fx.GraphModule, dep: dict[fx.Node, Dependence], shapes: 
         target = mutated_argument(node, gm)
         if target is None:
             continue
-        involved = [node] + _nodes_in((node.args, node.kwargs))
-        if target is True:
-            fail(node, "writes into an `out=` tensor", "drop `out=` and use the returned tensor")
         if target.name not in shapes:
             continue  # Python numbers (shape arithmetic): no storage
-        if all(dep[n] == Dependence.CONST for n in involved) and not _state_alias(target, gm):
+        state = _state_alias(target, gm)
+        involved = [node] + _nodes_in((node.args, node.kwargs))
+        if all(dep[n] == Dependence.CONST for n in involved) and not state:
             continue  # runs for real, with its side effect, exactly as in the model
-        if _state_alias(target, gm):
+        if state:
             fail(node, "an in-place op writes into the model's input or its parameters/buffers",
                  "use the out-of-place op (e.g. `torch.relu(x)` instead of `x.relu_()`, `inplace=False`)")
         aliases = _alias_class(target, node, gm, order)

@@ -54,7 +54,7 @@ def evaluate_certified(model: nn.Module, bound: LipschitzBound, dataset: Dataset
     task = progress.add_task("certify", total=len(loader)) if progress is not None else None
     for x, y in loader:
         x, y = x.to(ctx.device), y.to(ctx.device)
-        check_input_shape(bound, x)
+        check_input_shape(bound, tuple(x.shape[1:]))
         pred, radius = certified_radius(model(x), margin)
         hit = pred == y
         correct += int(hit.sum())

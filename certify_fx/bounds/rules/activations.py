@@ -145,10 +145,12 @@ def gelu(ev, input, approximate="none"):
     return ev.nonlinear(input, _gelu_constant(approximate))
 
 
-@register_rule(F.silu, F.mish, F.hardswish, F.hardsigmoid)
+SMOOTH_FUNCTIONS: dict = {F.silu: C.SILU, F.mish: C.MISH, F.hardswish: C.HARDSWISH, F.hardsigmoid: C.HARDSIGMOID}
+
+
+@register_rule(*SMOOTH_FUNCTIONS)
 def smooth_activation(ev, input, inplace=False):
-    constant = {F.silu: C.SILU, F.mish: C.MISH, F.hardswish: C.HARDSWISH, F.hardsigmoid: C.HARDSIGMOID}
-    return ev.nonlinear(input, constant[ev.node.target])
+    return ev.nonlinear(input, SMOOTH_FUNCTIONS[ev.node.target])
 
 
 @register_rule(torch.sigmoid, F.sigmoid, "sigmoid")

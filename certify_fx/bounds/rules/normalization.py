@@ -14,7 +14,7 @@ from torch import nn
 from ... import nn as cnn
 from ...errors import NotLipschitzError
 from ..operators import Scale
-from ..registry import module_rule, register_module_rule, register_rule
+from ..registry import register_module_rule, register_rule
 from .common import FIX_EVAL, feature_dim
 
 FIX_TRAIN_BN = ("call model.eval() so it uses running statistics (pass `fold_batchnorm` folds it), or "

@@ -17,22 +17,21 @@ from .. import constants as C
 from ..operators import Conv2d, Reduce
 from ..registry import register_module_rule, register_rule
 from ..values import Refused, TupleResult
-from .common import feature_dims
+from .common import feature_dims, int_tuple
 from .shape import nonnegative_map
 
 _INDICES = Refused("the indices returned by max pooling are not a continuous function of the input",
                    "use return_indices=False")
 
 
-def _spatial(ev, x, what: str, skip_output: bool = False):
+def _check_spatial(ev, x, what: str) -> None:
     if len(x.shape) != 3:
         ev.fail(f"{what} on (batch, C, H, W) inputs only; got a {len(x.shape) + 1}-d input")
-    return None if skip_output else (x.shape[-2:], ev.shape()[-2:])
 
 
 def _max_pool(ev, x, kernel_size, stride, padding, dilation, return_indices):
+    _check_spatial(ev, x, "max pooling")
     in_hw, out_hw = x.shape[-2:], ev.shape(part=0 if return_indices else None)[-2:]
-    _spatial(ev, x, "max pooling", skip_output=True)
     constant = C.max_pool_constant(in_hw, out_hw, kernel_size, stride, padding, dilation)
     part = 0 if return_indices else None
     y = ev.nonlinear(x, constant, f"max_pool k{kernel_size} s{stride} (x{constant:.3g})", part=part)
@@ -58,7 +57,7 @@ def max_pool2d_module(ev, module, input):
 
 def _adaptive_max_pool(ev, x, return_indices):
     part = 0 if return_indices else None
-    _spatial(ev, x, "adaptive max pooling", skip_output=True)
+    _check_spatial(ev, x, "adaptive max pooling")
     in_hw, out_hw = x.shape[-2:], ev.shape(part=part)[-2:]
     y = ev.nonlinear(x, C.adaptive_max_pool_constant(in_hw, out_hw), part=part)
     return TupleResult((y, _INDICES), ("values", "indices")) if return_indices else y
@@ -79,13 +78,9 @@ def adaptive_max_pool2d_module(ev, module, input):
     return _adaptive_max_pool(ev, input, module.return_indices)
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
-
-
 def _avg_pool(ev, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
-    _spatial(ev, x, "average pooling")
-    k, s, p = _pair(kernel), _pair(stride if stride else kernel), _pair(padding)
+    _check_spatial(ev, x, "average pooling")
+    k, s, p = int_tuple(kernel, 2), int_tuple(stride if stride else kernel, 2), int_tuple(padding, 2)
     c = x.shape[0]
     weight = torch.ones(c, 1, *k, dtype=ev.dtype) / (divisor or k[0] * k[1])
     conv = Conv2d(x.shape, weight, s, (p[0], p[0], p[1], p[1]), (1, 1), c)
@@ -109,7 +104,8 @@ def avg_pool2d_module(ev, module, input):
 
 
 def _adaptive_avg_pool(ev, x):
-    (h, w), (oh, ow) = _spatial(ev, x, "adaptive average pooling")
+    _check_spatial(ev, x, "adaptive average pooling")
+    (h, w), (oh, ow) = x.shape[-2:], ev.shape()[-2:]
     c = x.shape[0]
     if h % oh or w % ow:
         # unequal windows: still averages with nonnegative weights
