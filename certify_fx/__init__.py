@@ -1,10 +1,11 @@
 """certify-fx: deterministic l2 robustness certification for real architectures.
 
->>> import certify_fx as cfx
->>> model = cfx.convert(timm_resnet.eval(), to="liresnet", input_shape=(3, 224, 224))
+>>> import certify_fx as cfx, timm, torch
+>>> model = cfx.convert(timm.create_model("resnet18", num_classes=10), to="liresnet", input_shape=(3, 32, 32))
 >>> b = cfx.bound(model.eval(), (3, 32, 32))      # margin Lipschitz constants K[i, j]
->>> cert = cfx.certify(model, x, eps=36 / 255, bound=b)
->>> cert.certified, cert.radius
+>>> cert = cfx.certify(model, torch.rand(8, 3, 32, 32), eps=36 / 255, bound=b)
+>>> cert.certified.shape, cert.radius.shape
+(torch.Size([8]), torch.Size([8]))
 
 Training lives in :mod:`certify_fx.train` (recipes, trainer), :mod:`certify_fx.losses` and
 :mod:`certify_fx.data`; models in :mod:`certify_fx.models` (registered with timm on import).
@@ -30,8 +31,12 @@ from .errors import (
     TraceError,
     UnsupportedNodeError,
 )
+from . import models  # noqa: F401  (registers the certify-fx families with timm)
+from .loading import LoadedModel, load_model
 from .losses import create_loss
+from .model_spec import ModelSpec
 from .transforms import Rewrite, convert, load_converted, save_converted
+from .weights import load_weights
 
 __version__ = "0.1.0"
 
@@ -42,7 +47,9 @@ __all__ = [
     "CheckpointError",
     "DatasetNotFoundError",
     "GloRo",
+    "LoadedModel",
     "LipschitzBound",
+    "ModelSpec",
     "NodeBound",
     "NotLipschitzError",
     "RecipeError",
@@ -58,6 +65,8 @@ __all__ = [
     "convert",
     "create_loss",
     "load_converted",
+    "load_model",
+    "load_weights",
     "register_function_rule",
     "register_module_rule",
     "register_rule",

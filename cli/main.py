@@ -6,8 +6,6 @@ The CLI is thin: it parses arguments, calls the public ``certify_fx`` API and pr
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -16,10 +14,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .arguments import add_model_arguments, input_shape_argument, load_from_args
+
 EXAMPLES = """\
 examples:
   certify-fx convert resnet50 --to liresnet -o r50.pt   rewrite a timm ResNet into a LiResNet
+  certify-fx convert resnet18 --in-chans 1 --num-classes 10 --input-size 1,28,28 \
+      --weights runs/fm_resnet18_ce/checkpoint.pt -o fm.pt  convert trained weights
   certify-fx bound r50.pt                           bound a converted model saved by convert
+  certify-fx bound runs/fmnist/checkpoint.pt        bound a training checkpoint's model
   certify-fx bound resnet18                         timm model, random weights, eval mode
   certify-fx bound liresnet_l12w64 --num-classes 10 --input-size 3,32,32
   certify-fx bound mypkg.models:build_model --json  a module path 'module:attribute'
@@ -30,80 +33,14 @@ examples:
 """
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"expected positive integers like 3,224,224, got {text!r}")
-    return shape
+def _input_shape(loaded, given: tuple[int, ...] | None) -> tuple[int, ...]:
+    from certify_fx.errors import CertifyFxError
 
-
-def model_source(spec: str, num_classes: int | None) -> dict:
-    """How :func:`certify_fx.load_converted` can rebuild the model named on the command line."""
-    kwargs = {"num_classes": num_classes} if num_classes else {}
-    if ":" in spec:
-        target, attr = spec.rsplit(":", 1)
-        if target.endswith(".py"):
-            target = Path(target).stem
-        return {"kind": "module", "spec": f"{target}:{attr}", "kwargs": kwargs}
-    return {"kind": "timm", "name": spec, "kwargs": kwargs}
-
-
-def load_model(spec: str, num_classes: int | None = None, trust_source: bool = False):
-    """A model from a timm name (``pretrained=False``), ``module:attr``, ``file.py:attr``, or a
-    ``.pt`` file written by ``certify-fx convert``."""
-    import timm
-    import torch.nn as nn
-
-    import certify_fx as cfx
-    import certify_fx.models  # noqa: F401  (registers the LiResNet family with timm)
-
-    if spec.endswith(".pt") or Path(spec).is_file():
-        try:
-            return cfx.load_converted(spec, trust_source=trust_source)
-        except cfx.CertifyFxError as exc:
-            raise SystemExit(f"error: {exc}") from None
-
-    if ":" in spec:
-        target, attr = spec.rsplit(":", 1)
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise SystemExit(f"error: no such file: {path}")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            try:
-                module = importlib.import_module(target)
-            except ImportError as exc:
-                raise SystemExit(f"error: cannot import {target!r}: {exc}") from exc
-        if not hasattr(module, attr):
-            raise SystemExit(f"error: {target!r} has no attribute {attr!r}")
-        obj = getattr(module, attr)
-        model = obj if isinstance(obj, nn.Module) else obj(**({"num_classes": num_classes} if num_classes else {}))
-        if not isinstance(model, nn.Module):
-            raise SystemExit(f"error: {spec} did not give an nn.Module (got {type(model).__name__})")
-        return model
-    if not timm.is_model(spec):
-        close = timm.list_models(f"*{spec}*")[:8]
-        hint = f" Similar names: {', '.join(close)}" if close else ""
-        raise SystemExit(f"error: {spec!r} is neither a timm model name nor 'module:attribute'.{hint}")
-    kwargs = {"num_classes": num_classes} if num_classes else {}
-    return timm.create_model(spec, pretrained=False, **kwargs)
-
-
-def _input_shape(model, given: tuple[int, ...] | None) -> tuple[int, ...]:
     if given:
         return given
-    from certify_fx.tracing import configured_input_shape
-
-    shape = configured_input_shape(model)
-    if shape is not None:
-        return shape
-    raise SystemExit("error: cannot infer the input size of this model; pass --input-size C,H,W")
+    if loaded.input_shape is not None:
+        return loaded.input_shape
+    raise CertifyFxError("cannot infer the input size of this model; pass --input-size C,H,W")
 
 
 def _fmt(x: float) -> str:
@@ -144,14 +81,10 @@ def cmd_bound(args: argparse.Namespace) -> int:
 
     import certify_fx as cfx
 
-    model = load_model(args.model, args.num_classes, args.trust_source).eval()
-    shape = _input_shape(model, args.input_size)
+    loaded = load_from_args(args)
+    model, shape = loaded.model, _input_shape(loaded, args.input_size)
     start = time.perf_counter()
-    try:
-        result = _bound_with_status(cfx, model, shape, args.estimate_steps, quiet=args.json)
-    except cfx.CertifyFxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = _bound_with_status(cfx, model, shape, args.estimate_steps, quiet=args.json)
     seconds = time.perf_counter() - start
     if args.json:
         data = result.to_dict()
@@ -182,15 +115,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import certify_fx as cfx
 
     console = Console(width=max(Console().width, 130))
-    model = load_model(args.model, args.num_classes).eval()
-    shape = _input_shape(model, args.input_size)
-    try:
-        with Console(stderr=True).status(f"converting {args.model} to {args.to} ..."):
-            converted = cfx.convert(model, to=args.to, input_shape=shape, activation=args.activation,
-                                    max_pool=args.max_pool)
-    except (cfx.CertifyFxError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    loaded = load_from_args(args)
+    if loaded.conversion:
+        raise cfx.CertifyFxError(f"{args.model} is already converted (to {loaded.conversion['to']!r})")
+    model, shape = loaded.model, _input_shape(loaded, args.input_size)
+    with Console(stderr=True).status(f"converting {args.model} to {args.to} ..."):
+        converted = cfx.convert(model, to=args.to, input_shape=shape, activation=args.activation,
+                                max_pool=args.max_pool)
     table = Table(title=f"rewrite log: {args.model} -> {args.to}")
     table.add_column("pass", no_wrap=True, min_width=27)
     table.add_column("node", no_wrap=True)
@@ -203,7 +134,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     console.print(f"parameters: {count(model):,} -> {count(converted):,}")
     if args.output:
-        cfx.save_converted(converted, args.output, model_source(args.model, args.num_classes))
+        cfx.save_converted(converted, args.output, loaded.spec)
         console.print(f"saved to {args.output} (reload: certify_fx.load_converted, or certify-fx bound {args.output})")
     if not args.no_bound:
         start = time.perf_counter()
@@ -268,17 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="a timm model name (random weights), 'module:attr' or 'file.py:attr'")
-    p.add_argument("--input-size", type=_shape, default=None, metavar="C,H,W",
+    add_model_arguments(p)
+    p.add_argument("--input-size", type=input_shape_argument, default=None, metavar="C,H,W",
                    help="input shape without batch (default: the model's config)")
-    p.add_argument("--num-classes", type=int, default=None, help="number of classes (timm models)")
     p.add_argument("--estimate-steps", type=int, default=20,
                    help="power-iteration steps for the estimate column (0 to skip; default 20)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--full", action="store_true", help="with --json, include the estimate matrix")
     p.add_argument("--quiet", action="store_true", help="print only the summary table")
-    p.add_argument("--trust-source", action="store_true",
-                   help="allow a converted .pt file made from Python code to import that code")
     p.set_defaults(func=cmd_bound)
 
     c = sub.add_parser(
@@ -294,12 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("model", help="a timm model name (random weights), 'module:attr' or 'file.py:attr'")
+    add_model_arguments(c)
     c.add_argument("--to", choices=["liresnet", "lipschitz-vit", "lipschitz"], default="liresnet",
                    help="target family (default liresnet; use lipschitz-vit for ViTs)")
-    c.add_argument("--input-size", type=_shape, default=None, metavar="C,H,W",
+    c.add_argument("--input-size", type=input_shape_argument, default=None, metavar="C,H,W",
                    help="input shape without batch (default: the model's config)")
-    c.add_argument("--num-classes", type=int, default=None, help="number of classes (timm models)")
     c.add_argument("--activation", choices=["minmax", "groupsort"], default="minmax")
     c.add_argument("--max-pool", choices=["keep", "conv"], default="keep",
                    help="overlapping max-pools: keep (bounded by sqrt of overlap) or replace by a strided conv")

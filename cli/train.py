@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .arguments import add_model_arguments, eps_list_argument, load_from_args
+
 TRAIN_EXAMPLES = """\
 examples:
   certify-fx train recipes/fashion_mnist.yaml                  LiResNet + EMMA on Fashion-MNIST (CPU, minutes)
@@ -26,17 +28,10 @@ examples:
   certify-fx certify runs/fmnist/checkpoint.pt                  the recipe's test set and radii
   certify-fx certify runs/fmnist/checkpoint.pt --eps 0.1,0.2,0.5 --plot curve.png
   certify-fx certify runs/fmnist/checkpoint.pt --json           {"clean_accuracy", "vra", "bound", "seconds"}
+  certify-fx certify fm.pt --data fashion_mnist                 a model saved by `certify-fx convert -o fm.pt`
+  certify-fx certify liresnet_l6w32 --weights w.safetensors --num-classes 10 --in-chans 1 \
+      --kwarg img_size=28 --data fashion_mnist                  a model name and a weights file
 """
-
-
-def _eps_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected radii like 0.1,0.2, got {text!r}")
-    return values
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -55,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:  # the checkpoint's own recipe, with overrides
         recipe = recipe_from_dict(apply_overrides(state["recipe"], args.set))
     console = Console() if sys.stdout.isatty() else Console(width=120)  # logs and pipes: no wrapped rows
-    trainer = Trainer(recipe, resume=state, console=console)
+    trainer = Trainer(recipe, resume=state, console=console, trust_source=args.trust_source)
     try:
         history = trainer.fit()
         if trainer.ctx.is_main:
@@ -72,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    """Certify a training checkpoint's model on a test set with the proven bound."""
+    """Certify a model on a test set with the proven bound."""
     import torch
     from rich.console import Console
     from rich.progress import Progress
@@ -80,28 +75,27 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     import certify_fx as cfx
     from certify_fx.data import dataset_info
-    from certify_fx.errors import CheckpointError, RecipeError
-    from certify_fx.train import build_model, build_split, evaluate_certified, load_checkpoint, recipe_from_dict
-    from certify_fx.train.builders import recipe_dataset_info
+    from certify_fx.errors import RecipeError
+    from certify_fx.train import Recipe, build_split, evaluate_certified
 
-    state = load_checkpoint(args.checkpoint)
-    recipe = recipe_from_dict(state["recipe"])
+    loaded = load_from_args(args)
+    model = loaded.model
+    if loaded.recipe is not None:
+        recipe = loaded.recipe
+    elif args.data is None:
+        raise RecipeError(f"{args.model} carries no dataset (only training checkpoints do): pass --data NAME")
+    else:
+        recipe = Recipe()
+        recipe.data.name = args.data
     if args.root:
         recipe.data.root = args.root
     recipe.data.eval_subset = args.limit or recipe.data.eval_subset
-    model = build_model(recipe)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{args.checkpoint}: weights do not fit {recipe.model.name}: "
-                              f"{str(exc).splitlines()[0]}") from None
-    model.eval()
     eps = args.eps or recipe.eval_eps
     console = Console(stderr=args.json)
-    shape = recipe_dataset_info(recipe).input_shape
-    if args.data and (data_shape := dataset_info(args.data).input_shape) != shape:
-        raise RecipeError(f"--data {args.data} has inputs {data_shape}, but the model "
-                          f"was trained on {recipe.data.name} with inputs {shape}")
+    data_name = args.data or recipe.data.name
+    shape = dataset_info(data_name).input_shape
+    if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(shape):
+        raise RecipeError(f"--data {data_name} has inputs {shape}, but the model takes {tuple(loaded.input_shape)}")
     dataset = build_split(recipe, "test", name=args.data)  # a missing dataset fails before the bound
     start = time.perf_counter()
     with console.status("computing the proven Lipschitz bound"):
@@ -114,13 +108,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
     summary = {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
                "bound": bound.margin.max().item(), "seconds": seconds,
                "bound_seconds": bound_seconds, "count": result.count, "sound": bound.sound,
-               "model": recipe.model.name, "data": args.data or recipe.data.name}
+               "model": loaded.name, "data": data_name}
     if args.plot:
         _plot(result, args.plot, eps, summary)
     if args.json:
         print(json.dumps(summary))
         return 0
-    table = Table(title=f"{recipe.model.name} on {summary['data']} test ({result.count} images), proven bound")
+    table = Table(title=f"{loaded.name} on {data_name} test ({result.count} images), proven bound")
     for col in ("metric", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
     table.add_row("clean accuracy", f"{result.clean_accuracy:.4f}")
@@ -175,19 +169,22 @@ def add_parsers(sub) -> None:
                    help="override a recipe key, e.g. --set epochs=5 --set data.batch_size=128 (repeatable)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint written by an earlier run (weights, optimiser, iterates)")
+    t.add_argument("--trust-source", action="store_true",
+                   help="allow a recipe whose model.name is Python code (module:attr, file.py:attr) to import it")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser(
-        "certify", help="certify a trained checkpoint on its test set (clean accuracy, VRA, bound)",
-        description=("Rebuild the checkpoint's model from its recorded recipe, compute the proven margin "
+        "certify", help="certify a trained checkpoint (or any model) on a test set (clean accuracy, VRA, bound)",
+        description=("Load the model (a checkpoint's model is rebuilt from its recorded recipe and tested on the "
+                     "recipe's test set; other models need --data), compute the proven margin "
                      "Lipschitz bound once, and certify every test image: a prediction j is robust at eps when "
                      "f_j - f_i > eps * K[j, i] for all i != j. Prints clean accuracy and verified robust "
                      "accuracy (VRA) per radius."),
         epilog=CERTIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("checkpoint", help="checkpoint.pt written by `certify-fx train`")
+    add_model_arguments(c)
     c.add_argument("--data", default=None, metavar="NAME", help="dataset to certify on (default: the recipe's)")
     c.add_argument("--root", default=None, help="dataset folder (default: the recipe's data.root)")
-    c.add_argument("--eps", type=_eps_list, default=None, metavar="E1,E2",
+    c.add_argument("--eps", type=eps_list_argument, default=None, metavar="E1,E2",
                    help="radii to report VRA at (default: the recipe's eps.evaluate)")
     c.add_argument("--limit", type=int, default=None, help="certify only the first N test images")
     c.add_argument("--json", action="store_true",

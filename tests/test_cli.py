@@ -53,7 +53,7 @@ def test_bound_errors_are_one_clear_line():
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: node 'blocks_0_norm1' (LayerNorm") and "Traceback" not in proc.stderr
     proc = run("bound", "not_a_model_name_at_all", check=False)
-    assert proc.returncode != 0 and "neither a timm model name" in proc.stderr
+    assert proc.returncode == 2 and "unknown model" in proc.stderr
 
 
 def test_a_refused_user_model_is_one_error_line(tmp_path):

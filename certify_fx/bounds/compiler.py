@@ -184,11 +184,28 @@ def _run_example(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], inpu
     return recorder.recording
 
 
+def _check_batch_dim(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], input_shape: tuple[int, ...]) -> None:
+    """Say so when a failing ``input_shape`` works without its first entry (``(1, 3, 32, 32)``
+    written as torchinfo users do, batch included)."""
+    if len(input_shape) < 2 or input_shape[0] != 1:
+        return
+    try:
+        _run_example(gm, dependence, input_shape[1:], _EXAMPLE_BATCH)
+    except Exception:
+        return
+    raise CertifyFxError(f"input_shape {tuple(input_shape)} seems to include a batch dimension; give one input's "
+                         f"shape without batch: {tuple(input_shape[1:])}")
+
+
 def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Recording:
     """Run ``gm`` on an example batch of 2 (and of 3, to prove that every input-dependent tensor keeps
     the batch in front and nothing else depends on the batch size); buffers are restored."""
     dependence = input_dependence(gm)
-    recording = _run_example(gm, dependence, input_shape, _EXAMPLE_BATCH)
+    try:
+        recording = _run_example(gm, dependence, input_shape, _EXAMPLE_BATCH)
+    except UnsupportedNodeError:
+        _check_batch_dim(gm, dependence, input_shape)
+        raise
     try:
         other = _run_example(gm, dependence, input_shape, _EXAMPLE_BATCH + 1)
     except UnsupportedNodeError as exc:

@@ -24,6 +24,7 @@ from .gloro import gloro_ce, gloro_logits, trades
 
 __all__ = [
     "LOSSES",
+    "MARGIN_FREE_LOSSES",
     "Loss",
     "calibrated_sigma",
     "cll",
@@ -49,6 +50,9 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "emma": emma,
     "cll": cll,
 }
+
+#: Losses that ignore the margin matrix: training them needs no Lipschitz bound (plain baselines).
+MARGIN_FREE_LOSSES = frozenset({"ce"})
 
 
 def create_loss(name: str, **options: Any) -> Loss:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import timm
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..data import DatasetInfo, build_dataset, dataset_info
-from ..errors import RecipeError
+from ..errors import CertifyFxError, RecipeError
+from ..model_spec import ModelSpec
 from .recipe import Recipe
 
-__all__ = ["build_model", "build_split", "recipe_dataset_info"]
+__all__ = ["build_model", "build_split", "model_spec", "recipe_dataset_info"]
 
 
 def recipe_dataset_info(recipe: Recipe) -> DatasetInfo:
@@ -18,28 +18,51 @@ def recipe_dataset_info(recipe: Recipe) -> DatasetInfo:
     return dataset_info(recipe.data.name, **synthetic)
 
 
-def build_model(recipe: Recipe) -> nn.Module:
-    """``timm.create_model(recipe.model.name)`` sized for the recipe's dataset.
+def model_spec(recipe: Recipe) -> ModelSpec:
+    """The source model of a recipe, sized for its dataset.
 
-    certify-fx families also get the input size and the dataset's mean/std (normalisation lives
-    inside the model, so certificates are in [0, 1] pixel space); ``model.kwargs`` override all.
+    timm models get ``num_classes`` and ``in_chans``; certify-fx families also the input size and
+    the dataset's mean/std (normalisation lives inside the model, so certificates are in [0, 1]
+    pixel space). Python-code models get only ``model.kwargs``. ``model.kwargs`` override all.
     """
-    from .. import models  # noqa: F401  (registers the certify-fx families with timm)
-
-    name = recipe.model.name
-    if not timm.is_model(name):
-        ours = sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("certify_fx"))
-        raise RecipeError(f"recipe key 'model.name': unknown model {name!r}; certify-fx models: {', '.join(ours)} "
-                          "(or any timm model name)")
-    info = recipe_dataset_info(recipe)
-    kwargs: dict = {"num_classes": info.num_classes, "in_chans": info.in_chans}
-    if timm.models.model_entrypoint(name).__module__.startswith("certify_fx"):
-        kwargs.update(img_size=info.img_size, mean=list(info.mean), std=list(info.std))
-    kwargs.update(recipe.model.kwargs)
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise RecipeError(f"recipe key 'model.kwargs' does not fit {name}: {exc}") from None
+        spec = ModelSpec.parse(recipe.model.name)
+    except CertifyFxError as exc:
+        raise RecipeError(f"recipe key 'model.name': {exc}") from None
+    info = recipe_dataset_info(recipe)
+    kwargs: dict = {}
+    if spec.kind == "timm":
+        kwargs.update(num_classes=info.num_classes, in_chans=info.in_chans)
+        if spec.is_certify_fx_family:
+            kwargs.update(img_size=info.img_size, mean=list(info.mean), std=list(info.std))
+    return spec.with_kwargs(**kwargs, **recipe.model.kwargs)
+
+
+def build_model(recipe: Recipe, *, source_weights: bool = True, trust_source: bool = False) -> nn.Module:
+    """The recipe's model: the source model, its ``model.checkpoint`` weights (when
+    ``source_weights``), converted by ``model.convert``.
+
+    A checkpoint of a converted model is restored by rebuilding with ``source_weights=False`` (the
+    conversion is deterministic in structure) and loading the trained weights.
+
+    Raises:
+        RecipeError: an unknown model, kwargs that do not fit.
+        CheckpointError: source weights that are unreadable or do not fit.
+    """
+    from ..transforms.convert import convert
+    from ..weights import load_weights
+
+    spec = model_spec(recipe)
+    try:
+        model = spec.build(trust_source)
+    except CertifyFxError as exc:
+        raise RecipeError(f"recipe key 'model': {exc}") from None
+    if source_weights and recipe.model.checkpoint:
+        load_weights(model, recipe.model.checkpoint)
+    if recipe.model.convert == "none":
+        return model
+    return convert(model.eval(), to=recipe.model.convert, input_shape=recipe_dataset_info(recipe).input_shape,
+                   **recipe.model.convert_options)
 
 
 def build_split(recipe: Recipe, split: str, name: str | None = None) -> Dataset:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +9,10 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import atomic_torch_save
+from ..weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, read_torch_file
 
 __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "save_checkpoint"]
 
-CHECKPOINT_FORMAT = "certify-fx/checkpoint"
 _REQUIRED = ("recipe", "epoch", "model", "bound", "optimizer", "history")
 
 
@@ -30,14 +28,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Raises:
         CheckpointError: missing, truncated, corrupt, or not a certify-fx training checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({detail})") from None
+    state = read_torch_file(path, map_location)
+    if isinstance(state, dict) and state.get("format") == CONVERTED_FORMAT:
+        raise CheckpointError(f"{path} is a converted model (certify-fx convert -o), not a training checkpoint; "
+                              "train it with a recipe whose model.checkpoint names it")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a certify-fx training checkpoint (no {CHECKPOINT_FORMAT!r} format tag)")
     missing = [k for k in _REQUIRED if k not in state]

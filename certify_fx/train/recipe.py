@@ -49,10 +49,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A timm model name (certify-fx families are registered) and its keyword arguments."""
+    """The model: a source (timm name, ``module:attr`` or ``file.py:attr``), optional source
+    weights, and an optional conversion into a certifiable model (:func:`certify_fx.convert`)."""
 
-    name: str = "liresnet_l6w32"
+    name: str = "liresnet_l6w32"  #: timm name (certify-fx families included), module:attr or file.py:attr
     kwargs: dict = field(default_factory=dict)
+    #: source weights loaded before converting: a certify-fx checkpoint, a converted model, a
+    #: plain state_dict (.pt/.pth) or .safetensors (read at the start of a run only)
+    checkpoint: str | None = None
+    convert: str = "none"  #: liresnet | lipschitz-vit | lipschitz | none
+    convert_options: dict = field(default_factory=dict)  #: keyword options of certify_fx.convert
 
 
 @dataclass
@@ -189,6 +195,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
 def _validate(r: Recipe) -> None:
     from ..data import AUGMENTATIONS, DATASETS
     from ..losses import LOSSES
+    from ..transforms.convert import CONVERT_OPTIONS, TARGETS
 
     checks = [
         (r.data.name in DATASETS, "data.name", r.data.name, list(DATASETS)),
@@ -197,10 +204,16 @@ def _validate(r: Recipe) -> None:
          ["liresnet", "linear", "log", "fixed"]),
         (r.optim.schedule in ("cosine", "constant"), "optim.schedule", r.optim.schedule, ["cosine", "constant"]),
         (r.device in ("auto", "cpu", "cuda"), "device", r.device, ["auto", "cpu", "cuda"]),
+        (r.model.convert in (*TARGETS, "none"), "model.convert", r.model.convert, [*TARGETS, "none"]),
     ]
     for ok, key, value, allowed in checks:
         if not ok:
             raise RecipeError(f"recipe key {key!r} has unknown value {value!r}; allowed: {', '.join(allowed)}")
+    for key in r.model.convert_options:
+        if key not in CONVERT_OPTIONS:
+            raise RecipeError(f"unknown recipe key 'model.convert_options.{key}'; allowed: {', '.join(CONVERT_OPTIONS)}")
+    if r.model.convert_options and r.model.convert == "none":
+        raise RecipeError("recipe key 'model.convert_options' is set but model.convert is 'none'")
     for a in r.data.augment:
         if a not in AUGMENTATIONS:
             raise RecipeError(f"recipe key 'data.augment' has unknown value {a!r}; allowed: {', '.join(AUGMENTATIONS)}")

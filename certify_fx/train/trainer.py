@@ -27,10 +27,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..bounds import bound as bound_model
 from ..certify import GloRo
 from ..errors import RecipeError
 from ..files import atomic_write_text
-from ..losses import create_loss
+from ..losses import MARGIN_FREE_LOSSES, create_loss
 from .builders import build_model, build_split, recipe_dataset_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_reduce_sum
@@ -45,16 +46,19 @@ CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
 
 class LogitsAndMargin(nn.Module):
     """What DDP wraps: one forward gives the logits and the differentiable margin matrix, so the
-    gradients of both reach the same (synchronised) parameters."""
+    gradients of both reach the same (synchronised) parameters. Without ``gloro`` (a loss that
+    ignores the margin, e.g. plain cross-entropy) the margin is ``None``."""
 
-    def __init__(self, gloro: GloRo, autocast: bool) -> None:
+    def __init__(self, model: nn.Module, gloro: GloRo | None, autocast: bool) -> None:
         super().__init__()
-        self.gloro, self.autocast = gloro, autocast
+        self.model, self.gloro, self.autocast = model, gloro, autocast
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with amp:
-            logits = self.gloro.model(x)
+            logits = self.model(x)
+        if self.gloro is None:
+            return logits.float(), None
         with torch.autocast(x.device.type, enabled=False):
             margin = self.gloro.margin()  # the bound always in fp32
         return logits.float(), margin
@@ -91,7 +95,7 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, resume: str | Path | dict[str, Any] | None = None,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, trust_source: bool = False) -> None:
         self.recipe = recipe
         self.ctx = DistributedContext.from_env(recipe.device)
         self.console = console or Console(stderr=False)
@@ -99,9 +103,11 @@ class Trainer:
         device = self.ctx.device
         torch.manual_seed(recipe.seed)  # identical initial weights on every process
         self.info = recipe_dataset_info(recipe)
-        self.model = build_model(recipe).to(device)
-        self.gloro = GloRo(self.model, recipe.eps.eps, self.info.input_shape, recipe.bound.power_steps)
-        self.net = LogitsAndMargin(self.gloro, autocast=recipe.amp and device.type == "cuda")
+        # Source weights are read at the start of a run only; a resumed run restores its own.
+        self.model = build_model(recipe, source_weights=resume is None, trust_source=trust_source).to(device)
+        self.gloro = (GloRo(self.model, recipe.eps.eps, self.info.input_shape, recipe.bound.power_steps)
+                      if recipe.loss.name not in MARGIN_FREE_LOSSES else None)
+        self.net = LogitsAndMargin(self.model, self.gloro, autocast=recipe.amp and device.type == "cuda")
         self.loss_fn = create_loss(recipe.loss.name)
 
         self.train_set, self.test_set = build_split(recipe, "train"), build_split(recipe, "test")
@@ -145,7 +151,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
-            "bound": self.gloro.compiler.state_dict(),
+            "bound": self.gloro.compiler.state_dict() if self.gloro is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
         }
@@ -153,7 +159,8 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.resumed_changes = _changed_keys(state["recipe"], self.recipe.to_dict())
         self.model.load_state_dict(state["model"])
-        self.gloro.compiler.load_state_dict(state["bound"])
+        if self.gloro is not None:
+            self.gloro.compiler.load_state_dict(state["bound"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
         if self.step != self.epoch * self.steps_per_epoch:
@@ -198,13 +205,14 @@ class Trainer:
             loss_sum += loss_value * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             count += len(y)
-            k_max = margin.detach().max().item()
+            if margin is not None:
+                k_max = margin.detach().max().item()
             if task is not None:
                 progress.update(task, advance=1, info=f"loss {loss_sum / count:.4f}  acc {correct / count:.3f}  "
                                                       f"eps {eps_t:.3f}  K~{k_max:.2f}")
         if task is not None:
             progress.remove_task(task)
-        if r.bound.converge_steps:
+        if r.bound.converge_steps and self.gloro is not None:
             with torch.no_grad():  # GloRo App. B: iterates converge once per epoch
                 k_max = self.gloro.compiler.estimate(steps=r.bound.converge_steps, tol=1e-6).max().item()
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.ctx)
@@ -213,7 +221,8 @@ class Trainer:
 
     def evaluate(self, progress: Progress | None = None) -> dict[str, Any]:
         self.net.eval()
-        bound = self.gloro.lipschitz_bound()
+        bound = (self.gloro.lipschitz_bound() if self.gloro is not None
+                 else bound_model(self.model, self.info.input_shape, estimate_steps=0))
         result = evaluate_certified(self.model, bound, self.test_set, self.recipe.eval_eps,
                                     self.recipe.data.eval_batch_size, self.ctx, progress=progress)
         return {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
@@ -291,10 +300,11 @@ def history_table(history: list[dict[str, Any]], title: str = "training") -> Tab
     return table
 
 
-def train(recipe: Recipe | dict, resume: str | Path | None = None, console: Console | None = None) -> list[dict]:
+def train(recipe: Recipe | dict, resume: str | Path | None = None, console: Console | None = None,
+          trust_source: bool = False) -> list[dict]:
     """Train a recipe (a :class:`Recipe` or plain dict) and return the metrics history."""
     recipe = recipe if isinstance(recipe, Recipe) else recipe_from_dict(recipe)
-    trainer = Trainer(recipe, resume, console)
+    trainer = Trainer(recipe, resume, console, trust_source=trust_source)
     try:
         return trainer.fit()
     finally:

@@ -17,7 +17,7 @@ from .log import Rewrite, rewrite_log
 from .remove_normalization import remove_normalization
 from .replace_activations import replace_activations
 from .replace_max_pool import replace_max_pool
-from .serialization import load_converted, save_converted
+from .serialization import load_converted, rebuild_converted, save_converted
 from .split_norm_act import split_norm_act
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "fold_linear_residuals",
     "linearize_residual_branches",
     "load_converted",
+    "rebuild_converted",
     "remove_normalization",
     "replace_activations",
     "replace_max_pool",

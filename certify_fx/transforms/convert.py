@@ -32,7 +32,7 @@ from .replace_activations import replace_activations
 from .replace_max_pool import replace_max_pool
 from .split_norm_act import split_norm_act
 
-__all__ = ["convert", "PIPELINES", "TARGETS", "check_supported"]
+__all__ = ["convert", "CONVERT_OPTIONS", "PIPELINES", "TARGETS", "check_supported"]
 
 Pass = Callable[..., fx.GraphModule]
 
@@ -45,6 +45,8 @@ PIPELINES: dict[str, list[Pass]] = {
                   replace_activations, fold_linear_residuals, fold_linear_chains, replace_max_pool],
 }
 TARGETS = tuple(PIPELINES)
+#: keyword options of :func:`convert` besides the target and the input (recipes check against it)
+CONVERT_OPTIONS = ("activation", "max_pool")
 
 # Which options go to which pass.
 _PASS_OPTIONS = {

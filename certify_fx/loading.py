@@ -1,0 +1,127 @@
+"""One loader for every model certify-fx reads: what ``bound``, ``certify``, ``convert`` and recipes
+accept, and the Python way to load a trained model.
+
+>>> import certify_fx as cfx
+>>> loaded = cfx.load_model("runs/fashion_mnist/checkpoint.pt")   # a training checkpoint
+>>> loaded.model, loaded.input_shape, loaded.recipe.data.name
+
+``source`` may be
+
+* a training checkpoint written by ``certify-fx train`` (the recipe rebuilds the model, converted
+  or not, and the trained weights are loaded);
+* a converted model written by ``certify-fx convert -o`` / :func:`certify_fx.save_converted`;
+* a model spec (:class:`~certify_fx.ModelSpec`): a timm name, ``module:attr`` or ``file.py:attr``,
+  with ``kwargs`` and optional ``weights`` (a state_dict ``.pt``/``.pth``, ``.safetensors`` or any
+  certify-fx file).
+
+No file is unpickled: files are read with ``torch.load(weights_only=True)`` and models rebuilt from
+their recorded spec; a file whose model is Python code is rebuilt only with ``trust_source=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import nn
+
+from .errors import CertifyFxError, CheckpointError
+from .model_spec import ModelSpec
+from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights, read_torch_file
+
+if TYPE_CHECKING:
+    from .train.recipe import Recipe
+
+__all__ = ["LoadedModel", "is_model_file", "load_model"]
+
+LoadedKind = Literal["checkpoint", "converted", "spec"]
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+@dataclass
+class LoadedModel:
+    """A model and what is known about it.
+
+    Attributes:
+        model: the ``nn.Module`` in eval mode.
+        kind: ``"checkpoint"`` (training checkpoint), ``"converted"`` (convert output) or ``"spec"``.
+        spec: rebuilds the unconverted source model.
+        input_shape: one input's shape without batch, when the file or the model's config says.
+        conversion: the options of :func:`certify_fx.convert` if the model is converted.
+        recipe: the training recipe of a checkpoint.
+    """
+
+    model: nn.Module
+    kind: LoadedKind
+    spec: ModelSpec
+    input_shape: tuple[int, ...] | None = None
+    conversion: dict[str, Any] | None = None
+    recipe: "Recipe | None" = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        suffix = f" ({self.conversion['to']})" if self.conversion else ""
+        return f"{self.spec}{suffix}"
+
+
+def is_model_file(source: str | Path) -> bool:
+    """Whether ``source`` names a weights/model file rather than a model spec."""
+    text = str(source)
+    return text.endswith(_WEIGHT_SUFFIXES) or (Path(text).is_file() and not text.endswith(".py") and ":" not in text)
+
+
+def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weights: str | Path | None = None,
+               trust_source: bool = False) -> LoadedModel:
+    """Load a training checkpoint, a converted model, or build a model spec (see the module doc).
+
+    Args:
+        source: a file written by certify-fx, or a spec (``resnet18``, ``pkg.mod:attr``,
+            ``./net.py:Net``).
+        kwargs: keyword arguments for a spec (e.g. ``{"num_classes": 10, "in_chans": 1}``).
+        weights: weights to load into a spec's model, strictly.
+        trust_source: allow rebuilding a model whose recorded source is Python code. A spec given
+            as ``source`` is code the caller named, and is always built.
+
+    Raises:
+        CertifyFxError: unreadable files, unknown models (with the closest names), weights that do
+            not fit (naming the keys).
+    """
+    from .train.builders import build_model, model_spec, recipe_dataset_info
+    from .train.recipe import recipe_from_dict
+    from .transforms.serialization import load_converted
+
+    if is_model_file(source):
+        if kwargs or weights:
+            raise CertifyFxError(f"{source} is a file with its own model and weights; model kwargs and weights "
+                                 "apply to a model name or file.py:attr")
+        path = Path(source)
+        if path.suffix == ".safetensors":
+            raise CertifyFxError(f"{path} holds only weights; name the model and give the file as its weights "
+                                 f"(CLI: MODEL --weights {path})")
+        payload = read_torch_file(path)
+        fmt = payload.get("format") if isinstance(payload, dict) else None
+        if fmt == CHECKPOINT_FORMAT:
+            recipe = recipe_from_dict(payload["recipe"])
+            model = build_model(recipe, source_weights=False, trust_source=trust_source)
+            try:
+                model.load_state_dict(payload["model"])
+            except RuntimeError as exc:
+                raise CheckpointError(f"{path}: the weights do not fit {recipe.model.name}: "
+                                      f"{str(exc).splitlines()[0]}") from None
+            conversion = getattr(model, "conversion", None)
+            return LoadedModel(model.eval(), "checkpoint", model_spec(recipe),
+                               recipe_dataset_info(recipe).input_shape, conversion, recipe)
+        if fmt == CONVERTED_FORMAT:
+            gm = load_converted(path, trust_source=trust_source)
+            return LoadedModel(gm.eval(), "converted", ModelSpec.from_dict(payload["source"]),
+                               tuple(gm.conversion["input_shape"]), gm.conversion)
+        raise CertifyFxError(f"{path} is not a certify-fx checkpoint or converted model; if it holds weights, "
+                             f"name the model and give it as weights (CLI: MODEL --weights {path})")
+    from .tracing import configured_input_shape
+
+    spec = ModelSpec.parse(str(source), kwargs)
+    model = spec.build(trust_source=True)
+    if weights is not None:
+        load_weights(model, weights)
+    return LoadedModel(model.eval(), "spec", spec, configured_input_shape(model))

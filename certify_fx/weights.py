@@ -1,0 +1,105 @@
+"""Reading weight files safely: ``torch.load(weights_only=True)`` or safetensors, never pickled code.
+
+Every file certify-fx reads goes through :func:`read_torch_file` (one place that turns torch's
+many failure modes into one clear :class:`~certify_fx.errors.CheckpointError`), and every set of
+source weights through :func:`load_weights`: a certify-fx training checkpoint, a converted model,
+a plain ``state_dict`` (``.pt``/``.pth``, optionally under a ``state_dict``/``model`` key, as many
+training scripts save it) or a ``.safetensors`` file, loaded strictly.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = ["CHECKPOINT_FORMAT", "CONVERTED_FORMAT", "load_weights", "read_state_dict", "read_torch_file"]
+
+CHECKPOINT_FORMAT = "certify-fx/checkpoint"
+CONVERTED_FORMAT = "certify-fx/converted"
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
+
+
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors that say what the file is.
+
+    Raises:
+        CheckpointError: missing file, a pickled Python object (not loaded: unpickling can run
+            code), or a file that is not a readable torch file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path} holds a pickled Python object{what}, which certify-fx does not load: unpickling can run "
+            "code. Save tensors instead, e.g. torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError,
+            IndexError, TypeError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"{path} is not a readable torch file: corrupt, truncated or another format "
+                              f"({type(exc).__name__}: {detail})") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights held by ``path``, whatever certify-fx or common training script wrote it."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"no such file: {path}")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    payload = read_torch_file(path)
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        return payload["model"]
+    if isinstance(payload, dict) and payload.get("format") == CONVERTED_FORMAT:
+        return payload["state_dict"]
+    if isinstance(payload, dict):
+        for key in _NESTED_KEYS:
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+        if payload and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+            return payload
+    raise CheckpointError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` strictly (returns ``model``).
+
+    A ``module.`` prefix (DataParallel/DDP) is removed. Shapes and key sets must match exactly.
+
+    Raises:
+        CheckpointError: unreadable file, or weights that do not fit, naming missing, unexpected
+            and mis-shaped keys.
+    """
+    state = read_state_dict(path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+        raise CheckpointError(f"the weights in {path} do not fit {type(model).__name__}: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+    return model

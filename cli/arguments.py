@@ -1,0 +1,67 @@
+"""Arguments shared by the commands: model sources, shapes, radii."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_model_arguments", "eps_list_argument", "input_shape_argument", "load_from_args"]
+
+
+def input_shape_argument(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 3,224,224, got {text!r}")
+    return shape
+
+
+def _kwarg(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. drop_rate=0.1), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser, what: str = "MODEL") -> None:
+    """The model arguments every command that reads a model shares."""
+    p.add_argument("model", metavar=what, help=(
+        "a training checkpoint (certify-fx train), a converted model (certify-fx convert -o), a timm model "
+        "name (random weights unless --weights), 'module:attr' or 'file.py:attr'"))
+    g = p.add_argument_group("model options (for a model name or file.py:attr)")
+    g.add_argument("--num-classes", type=int, default=None, help="number of classes")
+    g.add_argument("--in-chans", type=int, default=None, help="input channels (timm models), e.g. 1 for grey images")
+    g.add_argument("--kwarg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
+                   help="another keyword argument of the model (repeatable; values are YAML)")
+    g.add_argument("--weights", "--checkpoint", "--pretrained-file", dest="weights", default=None, metavar="FILE",
+                   help="load these weights strictly: a state_dict .pt/.pth, .safetensors or a certify-fx file")
+    g.add_argument("--trust-source", action="store_true",
+                   help="allow a checkpoint or converted file made from Python code to import that code")
+
+
+def load_from_args(args: argparse.Namespace):
+    """The :class:`certify_fx.LoadedModel` the model arguments name."""
+    from certify_fx.loading import load_model
+
+    kwargs = dict(args.kwarg)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.in_chans is not None:
+        kwargs["in_chans"] = args.in_chans
+    return load_model(args.model, kwargs=kwargs, weights=args.weights, trust_source=args.trust_source)
+
+
+def eps_list_argument(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected radii like 0.1,0.2, got {text!r}")
+    return values
