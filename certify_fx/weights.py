@@ -41,7 +41,10 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
+        if found is None:  # not a pickle of objects: garbage, or another format
+            raise CheckpointError(f"{path} is not a readable torch file: corrupt, truncated or another format "
+                                  f"({str(exc).strip().splitlines()[0][:120]})") from None
+        what = f" ({found.group(1)})"
         raise CheckpointError(
             f"{path} holds a pickled Python object{what}, which certify-fx does not load: unpickling can run "
             "code. Save tensors instead, e.g. torch.save(model.state_dict(), path)") from None

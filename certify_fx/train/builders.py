@@ -35,7 +35,7 @@ def model_spec(recipe: Recipe) -> ModelSpec:
         kwargs.update(num_classes=info.num_classes, in_chans=info.in_chans)
         if spec.is_certify_fx_family:
             kwargs.update(img_size=info.img_size, mean=list(info.mean), std=list(info.std))
-    return spec.with_kwargs(**kwargs, **recipe.model.kwargs)
+    return spec.with_kwargs(**{**kwargs, **recipe.model.kwargs})
 
 
 def build_model(recipe: Recipe, *, source_weights: bool = True, trust_source: bool = False) -> nn.Module:
@@ -61,8 +61,11 @@ def build_model(recipe: Recipe, *, source_weights: bool = True, trust_source: bo
         load_weights(model, recipe.model.checkpoint)
     if recipe.model.convert == "none":
         return model
+    options = dict(recipe.model.convert_options)
+    if not source_weights:
+        options["rescale"] = False  # only changes weight values, which the caller restores
     return convert(model.eval(), to=recipe.model.convert, input_shape=recipe_dataset_info(recipe).input_shape,
-                   **recipe.model.convert_options)
+                   **options)
 
 
 def build_split(recipe: Recipe, split: str, name: str | None = None) -> Dataset:

@@ -32,30 +32,37 @@ class CertifiedEvaluation:
 
 
 @torch.no_grad()
-def evaluate_certified(model: nn.Module, bound: LipschitzBound, dataset: Dataset, eps: list[float],
+def evaluate_certified(model: nn.Module, bound: LipschitzBound | None, dataset: Dataset, eps: list[float],
                        batch_size: int = 1000, ctx: DistributedContext | None = None,
                        keep_radii: bool = False, progress=None) -> CertifiedEvaluation:
     """Certify every point of ``dataset`` with ``bound.margin`` (refuses an unproven bound).
 
-    Each process takes every ``world_size``-th point; counts are summed over processes.
+    Each process takes every ``world_size``-th point; counts are summed over processes. Without a
+    ``bound`` (a model that cannot be bounded, e.g. a plain ViT) nothing is certified: radii are 0
+    and only the clean accuracy is measured.
     """
-    if not bound.sound:
+    if bound is not None and not bound.sound:
         raise ValueError("the bound is not proven for every factor; refusing to report VRA")
     ctx = ctx or DistributedContext()
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     loader = DataLoader(shard, batch_size=batch_size)
     was_training = model.training
     model.eval()
-    check_bound(model, bound, tuple(bound.input_shape))
-    margin = bound.margin.to(ctx.device)
+    if bound is not None:
+        check_bound(model, bound, tuple(bound.input_shape))
+    margin = bound.margin.to(ctx.device) if bound is not None else None
     correct = total = 0
     robust = [0] * len(eps)
     radii = []
     task = progress.add_task("certify", total=len(loader)) if progress is not None else None
     for x, y in loader:
         x, y = x.to(ctx.device), y.to(ctx.device)
-        check_input_shape(bound, tuple(x.shape[1:]))
-        pred, radius = certified_radius(model(x), margin)
+        if bound is None:
+            pred = model(x).argmax(1)
+            radius = torch.zeros(len(y), dtype=torch.float64, device=ctx.device)
+        else:
+            check_input_shape(bound, tuple(x.shape[1:]))
+            pred, radius = certified_radius(model(x), margin)
         hit = pred == y
         correct += int(hit.sum())
         total += len(y)

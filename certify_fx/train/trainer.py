@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..bounds import bound as bound_model
 from ..certify import GloRo
-from ..errors import RecipeError
+from ..errors import RecipeError, UnsupportedNodeError
 from ..files import atomic_write_text
 from ..losses import MARGIN_FREE_LOSSES, create_loss
 from .builders import build_model, build_split, recipe_dataset_info
@@ -221,12 +221,22 @@ class Trainer:
 
     def evaluate(self, progress: Progress | None = None) -> dict[str, Any]:
         self.net.eval()
-        bound = (self.gloro.lipschitz_bound() if self.gloro is not None
-                 else bound_model(self.model, self.info.input_shape, estimate_steps=0))
+        uncertifiable = None
+        if self.gloro is not None:
+            bound = self.gloro.lipschitz_bound()
+        else:  # a plain model: certify it if the compiler can bound it, else report clean accuracy
+            try:
+                bound = bound_model(self.model, self.info.input_shape, estimate_steps=0)
+            except UnsupportedNodeError as exc:
+                bound, uncertifiable = None, str(exc)
         result = evaluate_certified(self.model, bound, self.test_set, self.recipe.eval_eps,
                                     self.recipe.data.eval_batch_size, self.ctx, progress=progress)
-        return {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
-                "K": bound.margin.max().item(), "sound": bound.sound}
+        metrics = {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
+                   "K": bound.margin.max().item() if bound is not None else math.inf,
+                   "sound": bound is not None and bound.sound}
+        if uncertifiable:
+            metrics["not_certifiable"] = uncertifiable
+        return metrics
 
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the metrics history (one dict per epoch)."""

@@ -4,7 +4,9 @@ Dot-product attention multiplies two functions of the input (``q @ k^T``) and is
 Lipschitz. Each attention module (any module with ``qkv`` and ``proj`` linear layers, as in timm's
 ViT/DeiT) is replaced by ``proj(TokenMixing(value(x)))``: the value and output projections keep
 their trained weights; the attention map becomes a learned tokens x tokens matrix shared over
-channels, initialised to the identity.
+channels, initialised to the attention map the module computes on average (over heads and an
+example batch). An identity initialisation would leave the class token blind to the patches, and a
+ViT head that reads the class token would then ignore the image.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn import TokenMixing
+from ..tracing import example_input
 from .graph import add_submodule, annotate_shapes, finalize
 from .log import log_rewrite
 
@@ -37,8 +40,34 @@ def _looks_like_attention(cls: type) -> bool:
     return "Attention" in cls.__name__ and cls.__name__ not in ("TokenMixing",)
 
 
+class _Capture(fx.Interpreter):
+    """Runs the graph and keeps the values of the nodes asked for."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n in self.keep:
+            self.values[n] = result.detach()
+        return result
+
+
+def mean_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The softmax attention map of a timm-style ``Attention`` on ``x`` (batch, tokens, dim),
+    averaged over the batch and the heads: a (tokens, tokens) row-stochastic matrix."""
+    batch, tokens, dim = x.shape
+    heads = int(getattr(module, "num_heads", 1))
+    q, k, _ = module.qkv(x).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    q, k = getattr(module, "q_norm", nn.Identity())(q), getattr(module, "k_norm", nn.Identity())(k)
+    scale = float(getattr(module, "scale", (dim // heads) ** -0.5))
+    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1).mean(dim=(0, 1))
+
+
 def attention_to_spatial_mlp(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
     annotate_shapes(gm, input_shape)
+    found = []
     for path, nodes in _attention_modules(gm).items():
         try:
             module = gm.get_submodule(path)  # holds the qkv/proj layers the graph calls
@@ -52,7 +81,13 @@ def attention_to_spatial_mlp(gm: fx.GraphModule, input_shape: tuple[int, ...]) -
         outputs = [n for n in nodes if any(u not in inside for u in n.users)]
         if len(set(inputs)) != 1 or len(outputs) != 1:
             continue
-        x, out = inputs[0], outputs[0]
+        found.append((path, module, inputs[0], outputs[0]))
+    if not found:
+        return gm
+    capture = _Capture(gm, {x for _, _, x, _ in found})
+    with torch.no_grad():
+        capture.run(example_input(tuple(input_shape), batch=8))
+    for path, module, x, out in found:
         tokens, dim = x.meta["shape"][1], x.meta["shape"][2]
         qkv: nn.Linear = module.qkv
         value = nn.Linear(dim, dim, bias=qkv.bias is not None)
@@ -60,14 +95,17 @@ def attention_to_spatial_mlp(gm: fx.GraphModule, input_shape: tuple[int, ...]) -
             value.weight.copy_(qkv.weight[2 * dim:3 * dim])
             if qkv.bias is not None:
                 value.bias.copy_(qkv.bias[2 * dim:3 * dim])
-        chain = [("value", value), ("mix", TokenMixing(tokens)), ("proj", copy.deepcopy(module.proj))]
+        mix = TokenMixing(tokens)
+        with torch.no_grad():
+            mix.weight.copy_(mean_attention(module, capture.values[x]))
+        chain = [("value", value), ("mix", mix), ("proj", copy.deepcopy(module.proj))]
         current = x
         with gm.graph.inserting_before(out):
             for suffix, layer in chain:
                 current = gm.graph.call_module(add_submodule(gm, f"{path}.{suffix}", layer), (current,))
         out.replace_all_uses_with(current)
         log_rewrite(gm, "attention_to_spatial_mlp", path, f"{type(module).__name__} (softmax attention)",
-                    f"Linear(value) -> TokenMixing({tokens}) -> Linear(proj)", True)
+                    f"Linear(value) -> TokenMixing({tokens}, mean attention map) -> Linear(proj)", True)
     finalize(gm)
     annotate_shapes(gm, input_shape)
     return gm

@@ -30,6 +30,7 @@ from .log import rewrite_log
 from .remove_normalization import remove_normalization
 from .replace_activations import replace_activations
 from .replace_max_pool import replace_max_pool
+from .rescale_layers import rescale_layers
 from .split_norm_act import split_norm_act
 
 __all__ = ["convert", "CONVERT_OPTIONS", "PIPELINES", "TARGETS", "check_supported"]
@@ -46,7 +47,7 @@ PIPELINES: dict[str, list[Pass]] = {
 }
 TARGETS = tuple(PIPELINES)
 #: keyword options of :func:`convert` besides the target and the input (recipes check against it)
-CONVERT_OPTIONS = ("activation", "max_pool")
+CONVERT_OPTIONS = ("activation", "max_pool", "rescale")
 
 # Which options go to which pass.
 _PASS_OPTIONS = {
@@ -81,6 +82,7 @@ def convert(
     input_shape: Sequence[int] | None = None,
     activation: str = "minmax",
     max_pool: str = "keep",
+    rescale: bool = True,
     check: bool = True,
 ) -> fx.GraphModule:
     """Rewrite ``model`` into a certifiable GraphModule (a normal, trainable ``nn.Module``).
@@ -95,6 +97,9 @@ def convert(
         example_input: a batch, to fix the input shape; or give ``input_shape``.
         activation: ``"minmax"`` or ``"groupsort"``.
         max_pool: ``"keep"`` overlapping max-pools (bounded by sqrt of the overlap) or ``"conv"``.
+        rescale: divide each linear layer by its estimated norm where above 1 (and biases and
+            constants by the factors before them), so the model starts with a sane bound;
+            predictions are unchanged for positively homogeneous networks (see ``rescale_layers``).
         check: verify that :func:`certify_fx.bound` accepts the result (cheap, structural).
 
     Raises:
@@ -112,8 +117,11 @@ def convert(
     for pass_fn in PIPELINES[to]:
         kwargs = {arg: options[opt] for opt, arg in _PASS_OPTIONS.get(pass_fn, {}).items()}
         gm = pass_fn(gm, shape, **kwargs)
+    if rescale:
+        gm = rescale_layers(gm, shape)
     gm.input_shape = shape
-    gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "input_shape": list(shape)}
+    gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "rescale": rescale,
+                     "input_shape": list(shape)}
     if check:
         try:
             check_supported(gm, shape)

@@ -56,6 +56,7 @@ def rebuild_converted(spec: ModelSpec, conversion: dict[str, Any], trust_source:
     from .convert import convert
 
     options = {k: v for k, v in conversion.items() if k not in ("to", "input_shape")}
+    options["rescale"] = False  # only changes weight values, which the caller loads
     return convert(spec.build(trust_source), to=conversion["to"], input_shape=conversion["input_shape"],
                    check=False, **options)
 
