@@ -126,6 +126,10 @@ def convert(
         try:
             check_supported(gm, shape)
         except UnsupportedNodeError as exc:
+            fix = exc.fix
+            if fix and "convert(" in fix:  # advice to convert, after converting, would loop
+                fix = ("no conversion pass handles this node yet: replace it in the model (e.g. a squeeze-excitation "
+                       "gate by a learned per-channel scale) or register a bound rule (docs/soundness.md)")
             raise UnsupportedNodeError(exc.node, exc.op, f"still not certifiable after converting to {to!r}: "
-                                       f"{exc.reason}", exc.fix) from None
+                                       f"{exc.reason}", fix) from None
     return gm
