@@ -283,3 +283,36 @@ def test_bad_source_weights_are_one_clear_line(tmp_path):
     result = _cli("train", SMOKE_CONVERT, "--set", f"output_dir={tmp_path / 'run'}",
                   "--set", f"model.checkpoint={tmp_path / 'bad.pt'}")
     assert "do not fit" in _one_line_error(result) and "missing" in result.stderr
+
+
+# -- factored bottlenecks ------------------------------------------------------------------------------
+def test_linear_bottleneck_bound_is_exact_and_sound():
+    from certify_fx.nn import LinearBottleneck
+
+    torch.manual_seed(0)
+    block = LinearBottleneck([nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 8, 1)]).eval()
+    shape = (8, 6, 6)
+    b = cfx.bound(nn.Sequential(block, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3)), shape, estimate_steps=0)
+    assert any(r.op == "conv3x3 8->8" for r in b.nodes)  # the whole block folded into one conv
+    jac = torch.autograd.functional.jacobian(lambda v: block(v.view(1, *shape)).flatten(),
+                                             torch.zeros(8 * 36, dtype=torch.float32))
+    exact = torch.linalg.matrix_norm(jac.double(), 2).item()
+    assert exact <= b.penultimate <= exact * 1.01
+
+
+def test_factored_bottlenecks_keep_the_parameters_and_the_bound():
+    from certify_fx.nn import LinearBottleneck
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet50", num_classes=10, layers=[2, 2, 1, 1], channels=[8, 8, 16, 16],
+                               stem_width=8).eval()
+    shape = (3, 32, 32)
+    forms = {f: cfx.convert(source, to="liresnet", input_shape=shape, bottleneck=f, rescale=False).eval()
+             for f in ("composed", "factored")}
+    params = {f: sum(p.numel() for p in m.parameters()) for f, m in forms.items()}
+    assert params["factored"] < params["composed"]
+    assert any(isinstance(m, LinearBottleneck) for m in forms["factored"].modules())
+    k = {f: cfx.bound(m, shape, estimate_steps=0).margin.max().item() for f, m in forms.items()}
+    assert k["factored"] == pytest.approx(k["composed"], rel=1e-5)
+    auto = cfx.convert(source, to="liresnet", input_shape=shape, rescale=False)
+    assert sum(p.numel() for p in auto.parameters()) == params["factored"]

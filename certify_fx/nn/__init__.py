@@ -2,10 +2,11 @@
 
 from .activations import GroupSort, MinMax
 from .affine import Affine
+from .linear_bottleneck import LinearBottleneck
 from .liresnet_block import LiResNetBlock
 from .lln import LLNLinear
 from .normalize import Normalize
 from .resnet_block import ResNetBlock
 from .token_mixing import TokenMixing
 
-__all__ = ["Affine", "GroupSort", "LLNLinear", "LiResNetBlock", "MinMax", "Normalize", "ResNetBlock", "TokenMixing"]
+__all__ = ["Affine", "GroupSort", "LLNLinear", "LiResNetBlock", "LinearBottleneck", "MinMax", "Normalize", "ResNetBlock", "TokenMixing"]

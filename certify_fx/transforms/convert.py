@@ -47,12 +47,12 @@ PIPELINES: dict[str, list[Pass]] = {
 }
 TARGETS = tuple(PIPELINES)
 #: keyword options of :func:`convert` besides the target and the input (recipes check against it)
-CONVERT_OPTIONS = ("activation", "max_pool", "rescale")
+CONVERT_OPTIONS = ("activation", "max_pool", "bottleneck", "rescale")
 
 # Which options go to which pass.
 _PASS_OPTIONS = {
     replace_activations: {"activation": "to"},
-    linearize_residual_branches: {"activation": "activation"},
+    linearize_residual_branches: {"activation": "activation", "bottleneck": "bottleneck"},
     replace_max_pool: {"max_pool": "mode"},
 }
 
@@ -82,6 +82,7 @@ def convert(
     input_shape: Sequence[int] | None = None,
     activation: str = "minmax",
     max_pool: str = "keep",
+    bottleneck: str = "auto",
     rescale: bool = True,
     check: bool = True,
 ) -> fx.GraphModule:
@@ -97,6 +98,9 @@ def convert(
         example_input: a batch, to fix the input shape; or give ``input_shape``.
         activation: ``"minmax"`` or ``"groupsort"``.
         max_pool: ``"keep"`` overlapping max-pools (bounded by sqrt of the overlap) or ``"conv"``.
+        bottleneck: ``"auto"`` keeps a bottleneck branch's convs factored (``LinearBottleneck``) when
+            that has fewer parameters than the composed full-width conv (bounded as exactly);
+            ``"composed"`` or ``"factored"`` force one form.
         rescale: divide each linear layer by its estimated norm where above 1 (and biases and
             constants by the factors before them), so the model starts with a sane bound;
             predictions are unchanged for positively homogeneous networks (see ``rescale_layers``).
@@ -113,14 +117,15 @@ def convert(
     gm = trace(source)
     gm.eval()
     rewrite_log(gm)
-    options = {"activation": activation, "max_pool": max_pool}
+    options = {"activation": activation, "max_pool": max_pool, "bottleneck": bottleneck}
     for pass_fn in PIPELINES[to]:
         kwargs = {arg: options[opt] for opt, arg in _PASS_OPTIONS.get(pass_fn, {}).items()}
         gm = pass_fn(gm, shape, **kwargs)
     if rescale:
         gm = rescale_layers(gm, shape)
     gm.input_shape = shape
-    gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "rescale": rescale,
+    gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "bottleneck": bottleneck,
+                     "rescale": rescale,
                      "input_shape": list(shape)}
     if check:
         try:

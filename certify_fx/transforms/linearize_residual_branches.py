@@ -7,7 +7,10 @@ the single equivalent conv (a bottleneck 1x1∘3x3∘1x1 becomes one 3x3, two 3x
 composition ignores the zero padding between them, so borders change). Then
 
 * an identity-shortcut block becomes ``LiResNetBlock`` (``x + beta/sqrt(L) * Conv(x)``), with
-  ``beta = sqrt(L)`` so it equals ``x + Conv(x)`` with the composed weights;
+  ``beta = sqrt(L)`` so it equals ``x + Conv(x)`` with the composed weights; or, for a bottleneck
+  (every conv but one pointwise) when it has fewer parameters, ``LinearBottleneck``: the branch's
+  convs kept as they are (BatchNorm folded in), bounded as exactly as the composed conv
+  (``bottleneck="auto"``, the default; ``"composed"`` or ``"factored"`` force one form);
 * a downsampling block (strided or projection shortcut) becomes one strided transition conv,
   the sum of the shortcut and the branch;
 * token blocks (ViT MLPs) just lose their activations; the folding passes then make
@@ -29,7 +32,7 @@ from torch import nn
 
 from ..bounds.operators import Conv2d as ConvOp
 from ..bounds.operators import add as add_operators
-from ..nn import Affine, LiResNetBlock, TokenMixing
+from ..nn import Affine, LinearBottleneck, LiResNetBlock, TokenMixing
 from .fold_linear_residuals import is_add
 from .graph import (add_submodule, annotate_shapes, drop_passthrough, finalize, is_activation, is_linear_unit,
                     module_for, single_input, tensor_args)
@@ -153,7 +156,46 @@ def _conv_module(weight, bias, stride, padding) -> nn.Conv2d:
     return conv
 
 
-def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int) -> tuple[list[nn.Module], str] | None:
+BOTTLENECK_FORMS = ("auto", "composed", "factored")
+
+
+def _factored(gm: fx.GraphModule, units: list[fx.Node], channels: int) -> list[_Affine] | None:
+    """The branch as one affine conv per conv unit (per-channel units folded into their conv)."""
+    segments: list[list[fx.Node]] = []
+    for node in units:
+        is_conv = isinstance(_unit_map(gm, node), _Affine)
+        if is_conv and any(isinstance(_unit_map(gm, n), _Affine) for seg in segments for n in seg):
+            segments.append([node])
+        elif segments:
+            segments[-1].append(node)
+        else:
+            segments.append([node])
+    maps, width = [], channels
+    for segment in segments:
+        current = _compose(gm, segment, width)
+        if current is None:
+            return None
+        maps.append(current)
+        width = current.weight.shape[0]
+    return maps
+
+
+def _bottleneck(gm: fx.GraphModule, branch: list[fx.Node], composed: _Affine, channels: int,
+                form: str) -> LinearBottleneck | None:
+    """A factored block when asked, or when it is an exactly bounded bottleneck with fewer parameters."""
+    if form == "composed":
+        return None
+    maps = _factored(gm, branch, channels)
+    if maps is None or len(maps) < 2:
+        return None
+    exact = sum(m.weight.shape[-1] > 1 for m in maps) <= 1  # pointwise convs fold exactly
+    if form == "auto" and (not exact or sum(m.weight.numel() for m in maps) >= composed.weight.numel()):
+        return None
+    return LinearBottleneck([_conv_module(m.weight, m.bias, m.stride, m.padding) for m in maps])
+
+
+def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int, bottleneck: str = "auto"
+                      ) -> tuple[list[nn.Module], str] | None:
     in_shape, out_shape = block.source.meta["shape"], block.add.meta["shape"]
     branch = [n for n in reversed(block.branch) if not is_activation(gm, n)]
     main = _compose(gm, branch, in_shape[1])
@@ -166,6 +208,9 @@ def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int) -> tup
         return None
     identity = not block.shortcut
     if identity and main.stride == 1 and k % 2 == 1 and main.padding == k // 2 and in_shape[1] == out_shape[1]:
+        factored = _bottleneck(gm, branch, main, in_shape[1], bottleneck)
+        if factored is not None:
+            return [factored], f"LinearBottleneck({in_shape[1]}, {factored.extra_repr().split('=')[-1]})"
         lires = LiResNetBlock(in_shape[1], num_blocks, kernel_size=k)
         with torch.no_grad():
             lires.conv.weight.copy_(main.weight)
@@ -187,10 +232,10 @@ def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int) -> tup
                     f"{conv.kernel_size[1]} s{conv.stride[0]}"
 
 
-def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: str) -> None:
+def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: str, bottleneck: str) -> None:
     add = block.add
     spatial = len(add.meta["shape"]) == 4
-    replacement = _conv_replacement(gm, block, num_lires) if spatial else None
+    replacement = _conv_replacement(gm, block, num_lires, bottleneck) if spatial else None
     if replacement is not None:
         modules, after = replacement
         current = block.source
@@ -219,9 +264,11 @@ def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: st
                 after, True)
 
 
-def linearize_residual_branches(gm: fx.GraphModule, input_shape: tuple[int, ...], activation: str = "minmax"
-                                ) -> fx.GraphModule:
+def linearize_residual_branches(gm: fx.GraphModule, input_shape: tuple[int, ...], activation: str = "minmax",
+                                bottleneck: str = "auto") -> fx.GraphModule:
     """Linearize every residual block ``x + g(x)`` whose branch ``g`` is nonlinear and shortcut linear."""
+    if bottleneck not in BOTTLENECK_FORMS:
+        raise ValueError(f"bottleneck must be one of {', '.join(BOTTLENECK_FORMS)}, got {bottleneck!r}")
     drop_passthrough(gm)
     annotate_shapes(gm, input_shape)
     blocks = _find_blocks(gm)
@@ -233,7 +280,7 @@ def linearize_residual_branches(gm: fx.GraphModule, input_shape: tuple[int, ...]
         if block is None:
             break
         done.add(block.add.name)
-        _linearize(gm, block, num_lires, activation)
+        _linearize(gm, block, num_lires, activation, bottleneck)
         finalize(gm)
         annotate_shapes(gm, input_shape)
     finalize(gm)

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..bounds.dependence import Dependence, input_dependence
-from ..nn import Affine, LiResNetBlock, TokenMixing
+from ..nn import Affine, LinearBottleneck, LiResNetBlock, TokenMixing
 from .graph import annotate_shapes
 from .log import log_rewrite
 
@@ -138,10 +138,11 @@ def rescale_layers(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.Graph
                 _scale_parameters(module, c, s_in * c)
                 scale[node] = s_in * c
                 continue
-            if isinstance(module, LiResNetBlock) and len(inputs) == 1:
-                # x + conv(x): the identity cannot be divided; keep the block, rescale its bias alike
-                if module.conv.bias is not None:
-                    module.conv.bias.div_(s_in)
+            if isinstance(module, (LiResNetBlock, LinearBottleneck)) and len(inputs) == 1:
+                # x + convs(x): the identity cannot be divided; keep the block, rescale its biases alike
+                for conv in (module.conv,) if isinstance(module, LiResNetBlock) else module.branch:
+                    if conv.bias is not None:
+                        conv.bias.div_(s_in)
                 scale[node] = s_in
                 continue
             if _homogeneous_module(module) and len(inputs) == 1:

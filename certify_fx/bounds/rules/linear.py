@@ -236,3 +236,13 @@ def liresnet_block_module(ev, module, input):
     k = module.conv.kernel_size[0] // 2
     return ev.linear(input, Conv2d(input.shape, module.folded_weight(), (1, 1), (k, k, k, k)))
 
+
+
+@register_module_rule(cnn.LinearBottleneck)
+def linear_bottleneck_module(ev, module, input):
+    """``x + convs(x)``: the branch's convs compose exactly where pointwise, then the identity
+    joins the composed kernel (one conv, bounded exactly)."""
+    branch = input
+    for conv in module.branch:
+        branch = conv_module(ev, conv, branch)
+    return _sum(ev, input, branch)
