@@ -300,6 +300,16 @@ def _(r):
     return fns[form], Const(c=_randn(r, 4, 1, 4))
 
 
+@op("addcmul", "linear.addcmul", linear=True)
+def _(r):
+    form = r.choice(["affine", "method", "input_base"])
+    value = r.uniform(-2, 2)
+    fns = {"affine": lambda x, m: torch.addcmul(m.b, m.a, x),  # timm ResMLP's Affine
+           "method": lambda x, m: x.addcmul(m.a, x.flip(1), value=value),
+           "input_base": lambda x, m: torch.addcmul(x, x.roll(1, 2), m.a, value=value)}
+    return fns[form], Const(a=_randn(r, 4, 1, 1), b=_randn(r, 4, 4, 4))
+
+
 @op("div", "linear.div", linear=True)
 def _(r):
     form = r.choice(["scalar", "tensor", "method"])
@@ -364,6 +374,15 @@ def _(r):
     with torch.no_grad():
         for p in block.parameters():
             p.add_(_randn(r, *p.shape) * 0.3)
+    return (lambda x, m: m(x)), block
+
+
+@op("linear_bottleneck", "linear.linear_bottleneck_module", linear=True)
+def _(r):
+    hidden = r.choice([1, 2, 3])
+    middle = r.choice([(3, 1), (1, 0), (5, 2)])
+    block = cnn.LinearBottleneck([nn.Conv2d(4, hidden, 1), nn.Conv2d(hidden, hidden, middle[0], padding=middle[1]),
+                                  nn.Conv2d(hidden, 4, 1)])
     return (lambda x, m: m(x)), block
 
 
@@ -650,6 +669,7 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
     ("lstm", lambda: _Single(lambda x, m: m(x.flatten(2))[0], nn.LSTM(16, 16, batch_first=True)),
      "refusals.recurrent_module"),
     ("product", lambda: _Single(lambda x, m: x * x.sigmoid()), "linear.mul"),
+    ("addcmul_product", lambda: _Single(lambda x, m: torch.addcmul(x, x, x.sigmoid())), "linear.addcmul"),
     ("matmul_qk", lambda: _Single(lambda x, m: x @ x.transpose(2, 3)), "linear.matmul"),
     ("div_by_input", lambda: _Single(lambda x, m: x / (x.abs() + 1)), "linear.div"),
     ("sub_tensor_alpha", lambda: _Single(lambda x, m: torch.sub(x, x, alpha=torch.tensor(2.0))), "linear.sub"),

@@ -92,6 +92,20 @@ def mul(ev, input, other):
     return ev.linear(tracked, Scale(tracked.shape, multiplier(ev, const)))
 
 
+@register_rule(torch.addcmul, "addcmul", inputs=("input", "tensor1", "tensor2"))
+def addcmul(ev, input, tensor1, tensor2, *, value=1):
+    """``input + value * tensor1 * tensor2`` with at most one input-dependent factor (timm's ResMLP
+    ``Affine`` is ``addcmul(beta, alpha, x)``)."""
+    if isinstance(tensor1, Tracked) and isinstance(tensor2, Tracked):
+        ev.fail("the product of two input-dependent tensors is not globally Lipschitz", FIX_PRODUCT, NotLipschitzError)
+    if not isinstance(tensor1, Tracked) and not isinstance(tensor2, Tracked):
+        return broadcast(ev, input, ev.shape())
+    tracked, const = (tensor1, tensor2) if isinstance(tensor1, Tracked) else (tensor2, tensor1)
+    tracked = broadcast(ev, tracked, ev.shape())
+    product = ev.linear(tracked, Scale(tracked.shape, multiplier(ev, const) * number(value)))
+    return _sum(ev, input, product)
+
+
 @register_rule(operator.truediv, torch.div, torch.divide, torch.true_divide, "div", "divide", "true_divide",
                "__truediv__")
 def div(ev, input, other, *, rounding_mode=None):
