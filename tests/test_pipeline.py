@@ -316,3 +316,16 @@ def test_factored_bottlenecks_keep_the_parameters_and_the_bound():
     assert k["factored"] == pytest.approx(k["composed"], rel=1e-5)
     auto = cfx.convert(source, to="liresnet", input_shape=shape, rescale=False)
     assert sum(p.numel() for p in auto.parameters()) == params["factored"]
+
+
+def test_squeeze_excitation_gates_become_per_channel_scales():
+    torch.manual_seed(0)
+    model = timm.create_model("seresnet18", **TINY).eval()
+    with pytest.raises(cfx.UnsupportedNodeError) as info:
+        cfx.bound(model, (1, 16, 16))
+    assert "convert(" in str(info.value)  # before conversion the advice is to convert
+    converted = cfx.convert(model, to="liresnet", input_shape=(1, 16, 16))
+    assert sum(r.pass_name == "replace_gates" for r in converted.rewrite_log) == 4
+    assert not any("SEModule" in type(m).__name__ for m in converted.modules())  # gates gone (scales fold into convs)
+    b = cfx.bound(converted, (1, 16, 16), estimate_steps=0)
+    assert b.sound and b.finite

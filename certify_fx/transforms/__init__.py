@@ -4,7 +4,8 @@ Every pass is a function ``pass(gm, input_shape, **options) -> GraphModule`` tha
 :class:`Rewrite` entries to ``gm.rewrite_log``. Exact passes (outputs unchanged): ``split_norm_act``,
 ``fold_batchnorm``, ``fold_linear_residuals``, ``fold_linear_chains``. Passes that change the
 function (and log it): ``replace_activations``, ``linearize_residual_branches``,
-``attention_to_spatial_mlp``, ``remove_normalization``, ``replace_max_pool``.
+``attention_to_spatial_mlp``, ``remove_normalization``, ``replace_gates``, ``replace_max_pool``,
+``rescale_layers``.
 """
 
 from .attention_to_spatial_mlp import attention_to_spatial_mlp
@@ -16,6 +17,7 @@ from .linearize_residual_branches import linearize_residual_branches
 from .log import Rewrite, rewrite_log
 from .remove_normalization import remove_normalization
 from .replace_activations import replace_activations
+from .replace_gates import replace_gates
 from .replace_max_pool import replace_max_pool
 from .serialization import load_converted, rebuild_converted, save_converted
 from .split_norm_act import split_norm_act
@@ -35,6 +37,7 @@ __all__ = [
     "rebuild_converted",
     "remove_normalization",
     "replace_activations",
+    "replace_gates",
     "replace_max_pool",
     "rewrite_log",
     "save_converted",

@@ -18,8 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn import TokenMixing
-from ..tracing import example_input
-from .graph import add_submodule, annotate_shapes, finalize
+from .graph import add_submodule, annotate_shapes, capture_values, finalize
 from .log import log_rewrite
 
 __all__ = ["attention_to_spatial_mlp"]
@@ -38,20 +37,6 @@ def _attention_modules(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 
 def _looks_like_attention(cls: type) -> bool:
     return "Attention" in cls.__name__ and cls.__name__ not in ("TokenMixing",)
-
-
-class _Capture(fx.Interpreter):
-    """Runs the graph and keeps the values of the nodes asked for."""
-
-    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]) -> None:
-        super().__init__(gm)
-        self.keep, self.values = keep, {}
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        if n in self.keep:
-            self.values[n] = result.detach()
-        return result
 
 
 def mean_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -84,9 +69,7 @@ def attention_to_spatial_mlp(gm: fx.GraphModule, input_shape: tuple[int, ...]) -
         found.append((path, module, inputs[0], outputs[0]))
     if not found:
         return gm
-    capture = _Capture(gm, {x for _, _, x, _ in found})
-    with torch.no_grad():
-        capture.run(example_input(tuple(input_shape), batch=8))
+    values = capture_values(gm, {x for _, _, x, _ in found}, input_shape)
     for path, module, x, out in found:
         tokens, dim = x.meta["shape"][1], x.meta["shape"][2]
         qkv: nn.Linear = module.qkv
@@ -97,7 +80,7 @@ def attention_to_spatial_mlp(gm: fx.GraphModule, input_shape: tuple[int, ...]) -
                 value.bias.copy_(qkv.bias[2 * dim:3 * dim])
         mix = TokenMixing(tokens)
         with torch.no_grad():
-            mix.weight.copy_(mean_attention(module, capture.values[x]))
+            mix.weight.copy_(mean_attention(module, values[x]))
         chain = [("value", value), ("mix", mix), ("proj", copy.deepcopy(module.proj))]
         current = x
         with gm.graph.inserting_before(out):

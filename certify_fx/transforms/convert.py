@@ -29,6 +29,7 @@ from .linearize_residual_branches import linearize_residual_branches
 from .log import rewrite_log
 from .remove_normalization import remove_normalization
 from .replace_activations import replace_activations
+from .replace_gates import replace_gates
 from .replace_max_pool import replace_max_pool
 from .rescale_layers import rescale_layers
 from .split_norm_act import split_norm_act
@@ -38,11 +39,11 @@ __all__ = ["convert", "CONVERT_OPTIONS", "PIPELINES", "TARGETS", "check_supporte
 Pass = Callable[..., fx.GraphModule]
 
 PIPELINES: dict[str, list[Pass]] = {
-    "liresnet": [split_norm_act, fold_batchnorm, linearize_residual_branches, replace_activations,
+    "liresnet": [split_norm_act, fold_batchnorm, replace_gates, linearize_residual_branches, replace_activations,
                  fold_linear_residuals, fold_linear_chains, remove_normalization, replace_max_pool],
-    "lipschitz-vit": [split_norm_act, fold_batchnorm, remove_normalization, attention_to_spatial_mlp,
+    "lipschitz-vit": [split_norm_act, fold_batchnorm, replace_gates, remove_normalization, attention_to_spatial_mlp,
                       linearize_residual_branches, replace_activations, fold_linear_chains, fold_linear_residuals],
-    "lipschitz": [split_norm_act, fold_batchnorm, remove_normalization, attention_to_spatial_mlp,
+    "lipschitz": [split_norm_act, fold_batchnorm, replace_gates, remove_normalization, attention_to_spatial_mlp,
                   replace_activations, fold_linear_residuals, fold_linear_chains, replace_max_pool],
 }
 TARGETS = tuple(PIPELINES)

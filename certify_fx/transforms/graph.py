@@ -16,6 +16,7 @@ from ..nn import Affine
 
 __all__ = [
     "annotate_shapes",
+    "capture_values",
     "describe",
     "describe_module",
     "drop_passthrough",
@@ -217,6 +218,32 @@ def replace_with_modules(gm: fx.GraphModule, source: fx.Node, output: fx.Node, m
     output.replace_all_uses_with(current)
     current.meta["shape"] = output.meta.get("shape")
     return current
+
+
+class _Capture(fx.Interpreter):
+    """Runs the graph and keeps the values of the nodes asked for."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.keep, self.values = keep, {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n in self.keep:
+            self.values[n] = result.detach()
+        return result
+
+
+@torch.no_grad()
+def capture_values(gm: fx.GraphModule, nodes: set[fx.Node], input_shape: tuple[int, ...], batch: int = 8
+                   ) -> dict[fx.Node, torch.Tensor]:
+    """The values ``nodes`` take on a deterministic example batch (passes that initialise new
+    layers from what the old ones computed)."""
+    from ..tracing import example_input
+
+    capture = _Capture(gm, set(nodes))
+    capture.run(example_input(tuple(input_shape), batch=batch))
+    return capture.values
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
