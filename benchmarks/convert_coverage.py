@@ -2,8 +2,9 @@
 
 For one representative model per family (random weights, no download) this runs
 ``certify_fx.convert`` with the family's target and ``certify_fx.bound`` on the result, and
-records success, the bound's soundness and size, the time, or the error that names the node and
-operation that stopped it.
+records success, the bound's soundness and size before and after the ``rescale_layers`` pass
+(the last pass of every pipeline), whether the converted logits depend on the input, the time,
+or the error that names the node and operation that stopped it.
 
     python benchmarks/convert_coverage.py [--out docs/coverage.md] [--only resnet18,vit_tiny_patch16_224]
 """
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 import certify_fx as cfx
+from certify_fx.transforms import rescale_layers
 
 # (family, model, target, input size or None for the model's default)
 FAMILIES = [
@@ -57,10 +59,15 @@ def run_one(name: str, target: str, size) -> dict:
         model = timm.create_model(name, pretrained=False, num_classes=10).eval()
         shape = size or tuple(model.pretrained_cfg["input_size"])
         row["input"] = "x".join(map(str, shape))
-        converted = cfx.convert(model, to=target, input_shape=shape)
+        converted = cfx.convert(model, to=target, input_shape=shape, rescale=False)
+        before = cfx.bound(converted, shape, estimate_steps=0)
+        converted = rescale_layers(converted, shape)
         row["rewrites"] = len(converted.rewrite_log)
         result = cfx.bound(converted, shape, estimate_steps=0)
-        row.update(status="converts", sound=result.sound, max_k=f"{result.max_margin:.3g}")
+        with torch.no_grad():
+            logits = converted(torch.rand(4, *shape))
+        row.update(status="converts", sound=result.sound, k_before=f"{before.max_margin:.3g}",
+                   max_k=f"{result.max_margin:.3g}", depends=bool((logits - logits[0]).abs().max() > 0))
     except Exception as exc:  # the table records why, whatever it was
         row.update(status="fails", why=f"{type(exc).__name__}: {first_line(exc)}")
     row["seconds"] = f"{time.perf_counter() - start:.0f}"
@@ -87,11 +94,13 @@ def main() -> None:
         write_markdown(rows, args.out)  # after every model, so an interrupted run still leaves a table
 
     table = Table(title="timm conversion coverage")
-    for col in ("family", "model", "target", "status", "sound", "max K", "s", "why not"):
+    for col in ("family", "model", "target", "status", "sound", "K before rescale", "max K", "input-dependent",
+                "s", "why not"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["family"], r["model"], r["target"], r["status"], str(r.get("sound", "")),
-                      r.get("max_k", ""), r["seconds"], r.get("why", ""))
+                      r.get("k_before", ""), r.get("max_k", ""), str(r.get("depends", "")), r["seconds"],
+                      r.get("why", ""))
     console.print(table)
     write_markdown(rows, args.out)
     console.print(f"wrote {args.out}")
@@ -105,25 +114,31 @@ def write_markdown(rows: list[dict], out: str) -> None:
         f"timm model per family, random weights, converted and bounded on CPU (timm {timm.__version__},",
         f"torch {torch.__version__.split('+')[0]}, certify-fx {cfx.__version__}).",
         "",
-        "| family | model | target | input | result | sound | max K | seconds | why not |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "`K before` is the converted model's bound without the final `rescale_layers` pass, `max K` with it;",
+        "`input-dependent`: the converted logits differ between random inputs.",
+        "",
+        "| family | model | target | input | result | sound | K before | max K | input-dependent | seconds | why not |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         why = r.get("why", "").replace("|", "\\|")
         lines.append(f"| {r['family']} | `{r['model']}` | {r['target']} | {r.get('input', '')} | {r['status']} | "
-                     f"{r.get('sound', '')} | {r.get('max_k', '')} | {r['seconds']} | {why} |")
+                     f"{r.get('sound', '')} | {r.get('k_before', '')} | {r.get('max_k', '')} | {r.get('depends', '')} | "
+                     f"{r['seconds']} | {why} |")
     lines += [
         "",
         "What stops a family, and what would fix it (see the `why not` column for the exact node):",
         "",
-        "- **squeeze-excitation gates** (SE-ResNet, EfficientNet, MobileNetV3): `x * sigmoid(g(x))` multiplies",
-        "  two functions of the input, which is not globally Lipschitz; a future pass could replace the gate",
-        "  by a learned per-channel constant.",
+        "- **squeeze-excitation gates** (SE-ResNet, EfficientNet, MobileNetV3) convert: the `replace_gates`",
+        "  pass turns `x * sigmoid(g(x))` into a learned per-channel scale initialised from the gate's mean.",
         "- **timm leaf modules without a rule** (VGG's `ConvMlp`): register a rule or trace through them.",
         "- **window attention** (Swin) folds windows into the batch dimension, which the compiler rejects;",
-        "  **ResMLP's Affine** uses `addcmul`, which has no rule yet; CaiT's class attention likewise.",
+        "  CaiT's class attention (talking heads) likewise; they stay refused with the node named.",
         "- **dense connectivity** (DenseNet) converts, but concatenation is bounded with `sqrt(sum K^2)` per",
-        "  source, which compounds over many layers (see max K).",
+        "  source, which compounds over many layers: rescaling each layer to norm 1 cannot undo that",
+        "  (see K before / after); a per-block budget (dense layers scaled by 1/sqrt(depth)) is future work.",
+        "- **zero-initialised heads** (timm's MLP-Mixer at random init: K = 0, constant logits) are",
+        "  re-initialised by `rescale_layers`, so the converted model starts input-dependent.",
     ]
     Path(out).write_text("\n".join(lines) + "\n")
 

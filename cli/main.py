@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from .arguments import add_model_arguments, input_shape_argument, load_from_args

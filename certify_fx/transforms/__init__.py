@@ -19,6 +19,7 @@ from .remove_normalization import remove_normalization
 from .replace_activations import replace_activations
 from .replace_gates import replace_gates
 from .replace_max_pool import replace_max_pool
+from .rescale_layers import rescale_layers
 from .serialization import load_converted, rebuild_converted, save_converted
 from .split_norm_act import split_norm_act
 
@@ -39,6 +40,7 @@ __all__ = [
     "replace_activations",
     "replace_gates",
     "replace_max_pool",
+    "rescale_layers",
     "rewrite_log",
     "save_converted",
     "split_norm_act",

@@ -17,6 +17,7 @@ from ..nn import Affine
 __all__ = [
     "annotate_shapes",
     "capture_values",
+    "swap_for_module",
     "describe",
     "describe_module",
     "drop_passthrough",
@@ -244,6 +245,16 @@ def capture_values(gm: fx.GraphModule, nodes: set[fx.Node], input_shape: tuple[i
     capture = _Capture(gm, set(nodes))
     capture.run(example_input(tuple(input_shape), batch=batch))
     return capture.values
+
+
+def swap_for_module(gm: fx.GraphModule, node: fx.Node, hint: str, module: nn.Module, args: tuple) -> fx.Node:
+    """Replace ``node`` by a call of the new submodule ``module`` on ``args``; returns the call."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(add_submodule(gm, hint, module), args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:

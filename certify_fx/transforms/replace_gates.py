@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..nn import Affine
-from .graph import add_submodule, annotate_shapes, capture_values, finalize
+from .graph import annotate_shapes, capture_values, finalize, swap_for_module
 from .log import log_rewrite
 
 __all__ = ["replace_gates"]
@@ -55,10 +55,7 @@ def replace_gates(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphM
         scale = Affine(mean.numel(), dim=1, bias=False)
         with torch.no_grad():
             scale.weight.copy_(mean)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(add_submodule(gm, f"{node.name}.scale", scale), (x,))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        swap_for_module(gm, node, f"{node.name}.scale", scale, (x,))
         log_rewrite(gm, "replace_gates", node.name, f"x * gate(x) (per-channel gate of {mean.numel()} channels)",
                     f"Affine({mean.numel()}) scale = the gate's mean on an example batch", True)
     finalize(gm)

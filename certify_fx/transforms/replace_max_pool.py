@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..bounds.constants import max_pool_constant
-from .graph import add_submodule, annotate_shapes, finalize
+from .graph import annotate_shapes, finalize, swap_for_module
 from .log import log_rewrite
 
 __all__ = ["replace_max_pool"]
@@ -38,11 +38,7 @@ def replace_max_pool(gm: fx.GraphModule, input_shape: tuple[int, ...], mode: str
         conv = nn.Conv2d(channels, channels, pool.kernel_size, pool.stride, pool.padding, groups=channels, bias=False)
         with torch.no_grad():
             conv.weight.fill_(1.0 / (k * k))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(add_submodule(gm, node.name + ".conv", conv), node.args)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        swap_for_module(gm, node, node.name + ".conv", conv, node.args)
         log_rewrite(gm, "replace_max_pool", node.name, f"MaxPool2d (factor {factor:.3g})",
                     f"depthwise Conv2d {k}x{k} (average-pool init)", True)
     finalize(gm)
