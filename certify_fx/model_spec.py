@@ -33,8 +33,6 @@ def closest_model_names(name: str, limit: int = 5) -> list[str]:
     """timm model names (certify-fx families included) closest to ``name``, for error messages."""
     import timm
 
-    from . import models  # noqa: F401  (registers the certify-fx families)
-
     names = timm.list_models()
     close = difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
     return close or [n for n in names if name.lower().replace("_", "") in n.replace("_", "")][:limit]
@@ -80,8 +78,6 @@ class ModelSpec:
             return cls("module", target, attr, kwargs)
         import timm
 
-        from . import models  # noqa: F401  (registers the certify-fx families)
-
         if not timm.is_model(text):
             close = closest_model_names(text)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -111,18 +107,11 @@ class ModelSpec:
         return ModelSpec(self.kind, self.target, self.attr, {**self.kwargs, **kwargs})
 
     @property
-    def is_code(self) -> bool:
-        """Whether building runs Python code named by the spec (not a registered timm model)."""
-        return self.kind != "timm"
-
-    @property
     def is_certify_fx_family(self) -> bool:
         """A timm name registered by certify-fx (those take ``img_size``, ``mean`` and ``std``)."""
         if self.kind != "timm":
             return False
         import timm
-
-        from . import models  # noqa: F401
 
         return timm.models.model_entrypoint(self.target).__module__.startswith("certify_fx")
 
@@ -138,8 +127,6 @@ class ModelSpec:
         """
         if self.kind == "timm":
             import timm
-
-            from . import models  # noqa: F401
 
             if not timm.is_model(self.target):
                 raise CertifyFxError(f"this timm has no model {self.target!r}")

@@ -29,9 +29,9 @@ def _kwarg(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
 
 
-def add_model_arguments(p: argparse.ArgumentParser, what: str = "MODEL") -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model arguments every command that reads a model shares."""
-    p.add_argument("model", metavar=what, help=(
+    p.add_argument("model", metavar="MODEL", help=(
         "a training checkpoint (certify-fx train), a converted model (certify-fx convert -o), a timm model "
         "name (random weights unless --weights), 'module:attr' or 'file.py:attr'"))
     g = p.add_argument_group("model options (for a model name or file.py:attr)")

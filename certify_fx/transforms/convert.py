@@ -126,8 +126,7 @@ def convert(
         gm = rescale_layers(gm, shape)
     gm.input_shape = shape
     gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "bottleneck": bottleneck,
-                     "rescale": rescale,
-                     "input_shape": list(shape)}
+                     "rescale": rescale, "input_shape": list(shape)}
     if check:
         try:
             check_supported(gm, shape)

@@ -162,14 +162,14 @@ BOTTLENECK_FORMS = ("auto", "composed", "factored")
 def _factored(gm: fx.GraphModule, units: list[fx.Node], channels: int) -> list[_Affine] | None:
     """The branch as one affine conv per conv unit (per-channel units folded into their conv)."""
     segments: list[list[fx.Node]] = []
-    for node in units:
+    seen_conv = False
+    for node in units:  # a new segment at every conv after the first
         is_conv = isinstance(_unit_map(gm, node), _Affine)
-        if is_conv and any(isinstance(_unit_map(gm, n), _Affine) for seg in segments for n in seg):
+        if not segments or (is_conv and seen_conv):
             segments.append([node])
-        elif segments:
-            segments[-1].append(node)
         else:
-            segments.append([node])
+            segments[-1].append(node)
+        seen_conv = seen_conv or is_conv
     maps, width = [], channels
     for segment in segments:
         current = _compose(gm, segment, width)
@@ -210,7 +210,7 @@ def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int, bottle
     if identity and main.stride == 1 and k % 2 == 1 and main.padding == k // 2 and in_shape[1] == out_shape[1]:
         factored = _bottleneck(gm, branch, main, in_shape[1], bottleneck)
         if factored is not None:
-            return [factored], f"LinearBottleneck({in_shape[1]}, {factored.extra_repr().split('=')[-1]})"
+            return [factored], f"LinearBottleneck({factored.extra_repr()})"
         lires = LiResNetBlock(in_shape[1], num_blocks, kernel_size=k)
         with torch.no_grad():
             lires.conv.weight.copy_(main.weight)

@@ -30,7 +30,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..bounds.dependence import Dependence, input_dependence
-from ..nn import Affine, LinearBottleneck, LiResNetBlock, TokenMixing
+from ..bounds.power_iteration import power_iteration
+from ..nn import Affine, GroupSort, LinearBottleneck, LiResNetBlock, MinMax, TokenMixing
 from .graph import annotate_shapes
 from .log import log_rewrite
 
@@ -50,37 +51,38 @@ _JOINS = {operator.add, operator.sub, torch.add, torch.sub, torch.cat, torch.con
 _SCALARS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", operator.neg, "neg"}
 
 
-def _homogeneous_module(module: nn.Module) -> bool:
-    from ..bounds import registry
+_HOMOGENEOUS_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                        nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d, nn.ZeroPad2d, MinMax, GroupSort)
+_HOMOGENEOUS_TIMM_MODULES = ("DropPath", "SelectAdaptivePool2d", "MaxPool2dSame", "AvgPool2dSame", "BlurPool2d")
 
-    if isinstance(module, (nn.Identity, nn.Flatten, nn.Dropout, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d,
-                           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d, nn.ZeroPad2d)):
+
+def _homogeneous_module(module: nn.Module) -> bool:
+    if isinstance(module, _HOMOGENEOUS_MODULES):
         return True
     if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
         return module.value == 0
-    rule = registry.module_rule(module)
-    name = type(module).__name__
-    return rule is not None and name in ("MinMax", "GroupSort", "DropPath", "SelectAdaptivePool2d",
-                                         "MaxPool2dSame", "AvgPool2dSame", "BlurPool2d")
+    return type(module).__name__ in _HOMOGENEOUS_TIMM_MODULES
 
 
 def estimate_linear_norm(module: nn.Module, input_shape: tuple[int, ...], steps: int = 25) -> float:
     """Power-iteration estimate of the norm of ``x -> module(x) - module(0)`` on one input of
     ``input_shape`` (a lower estimate: good for initialisation, never used as a certificate)."""
-    generator = torch.Generator().manual_seed(0)
     param = next(module.parameters())
-    v = torch.randn(1, *input_shape, generator=generator, dtype=param.dtype).to(param.device)
-    zero = torch.zeros_like(v)
-    norm = 0.0
-    with torch.enable_grad():
-        base = module(zero).detach()
-        for _ in range(steps):
-            v = (v / v.norm().clamp_min(1e-30)).requires_grad_(True)
-            out = module(v) - base
-            norm = float(out.detach().norm())
-            (grad,) = torch.autograd.grad(out, v, out)
-            v = grad.detach()
-    return norm
+    start = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0), dtype=param.dtype)
+    start = start.to(param.device)
+    base = module(torch.zeros_like(start))
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return module(v) - base
+
+    def adjoint(u: torch.Tensor) -> torch.Tensor:  # the map is linear: its vjp at any point
+        with torch.enable_grad():
+            v = torch.zeros_like(start, requires_grad=True)
+            (grad,) = torch.autograd.grad(apply(v), v, u)
+        return grad
+
+    sigma, _ = power_iteration(apply, adjoint, start, steps=steps, tol=None)
+    return float(sigma)
 
 
 def _scale_parameters(module: nn.Module, weight_factor: float, bias_factor: float) -> None:
