@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (the main job) and `make test` (the test suite).
-# Both create .venv on first use, install the package with its pinned torch, and install the
+# Both create .venv on first use, install the package with the torch build pinned for this machine
+# (requirements/pinned.txt; the package itself accepts a range), and install the
 # Fashion-MNIST IDX files from the Debian package if they are missing (needs root or sudo).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,10 +11,10 @@ DEMO   ?= runs/demo
 
 .PHONY: demo test test-all bench install data clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/pinned.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' -c requirements/pinned.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,6 +11,8 @@ Training lives in :mod:`certify_fx.train` (recipes, trainer), :mod:`certify_fx.l
 :mod:`certify_fx.data`; models in :mod:`certify_fx.models` (registered with timm on import).
 """
 
+from importlib import metadata as _metadata
+
 from .bounds import (
     BoundCompiler,
     LipschitzBound,
@@ -38,7 +40,10 @@ from .model_spec import ModelSpec
 from .transforms import Rewrite, convert, load_converted, save_converted
 from .weights import load_weights
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("certify-fx")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
 
 __all__ = [
     "BoundCompiler",

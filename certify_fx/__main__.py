@@ -2,6 +2,6 @@
 
 import sys
 
-from certify_fx.cli.main import main
+from certify_fx_cli.main import main
 
 sys.exit(main())

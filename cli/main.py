@@ -175,16 +175,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("certify-fx")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; builds without importing torch, timm or the library, so ``--help``
+    and argument errors answer at once (each command imports what it needs when it runs)."""
     parser = argparse.ArgumentParser(
         prog="certify-fx",
         description="Deterministic l2 robustness certification: sound margin Lipschitz bounds for real models.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from certify_fx import __version__
-
-    parser.add_argument("--version", action="version", version=f"certify-fx {__version__}")
+    parser.add_argument("--version", action="version", version=f"certify-fx {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(

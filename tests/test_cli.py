@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
 
 def run(*args, check=True):
@@ -19,6 +20,24 @@ def test_help_teaches():
     assert "bound" in out and "examples:" in out
     out = run("bound", "--help").stdout
     assert "--input-size" in out and "K[i, j]" in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["train", "--no-such-flag"], ["bound"],
+                                  ["certify", "--help"], ["--version"]])
+def test_help_and_usage_errors_never_import_torch_or_timm(argv):
+    # The console script's module; what it imports before answering is what the user waits for.
+    code = textwrap.dedent(f"""
+        import sys
+        from certify_fx_cli.main import main
+        try:
+            main({argv!r})
+        except SystemExit:
+            pass
+        heavy = sorted(m for m in ("torch", "timm", "certify_fx", "numpy") if m in sys.modules)
+        print("IMPORTED", heavy, file=sys.stderr)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "IMPORTED []" in proc.stderr, proc.stderr
 
 
 def test_bound_timm_name_json():
