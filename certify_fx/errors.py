@@ -6,6 +6,9 @@ Every error that concerns a graph node names the node, its operation, and the fi
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 __all__ = [
     "CertifyFxError",
     "CheckpointError",
@@ -16,7 +19,17 @@ __all__ = [
     "UnprovenBoundError",
     "TraceError",
     "UnsupportedNodeError",
+    "did_you_mean",
 ]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to a mistyped ``word``, else ``""``."""
+    choices = [str(c) for c in choices]
+    tokens = sorted(str(word).lower().split("_"))
+    close = [c for c in choices if sorted(c.lower().split("_")) == tokens]  # lr_min -> min_lr
+    close = close or difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class CertifyFxError(Exception):

@@ -42,8 +42,9 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:  # not a pickle of objects: garbage, or another format
+            kind = "a zip archive torch cannot read" if zipfile.is_zipfile(path) else "neither a torch zip archive nor a pickle"
             raise CheckpointError(f"{path} is not a readable torch file: corrupt, truncated or another format "
-                                  f"({str(exc).strip().splitlines()[0][:120]})") from None
+                                  f"({kind})") from None
         what = f" ({found.group(1)})"
         raise CheckpointError(
             f"{path} holds a pickled Python object{what}, which certify-fx does not load: unpickling can run "

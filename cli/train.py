@@ -15,12 +15,18 @@ examples:
   certify-fx train recipes/fashion_mnist.yaml                  LiResNet + EMMA on Fashion-MNIST (CPU, minutes)
   certify-fx train recipes/fashion_mnist.yaml --set epochs=2 --set output_dir=runs/quick
   certify-fx train recipes/cifar10.yaml --set data.root=~/data --set model.name=liresnet_l6w128
-  certify-fx train --resume runs/fmnist/checkpoint.pt           continue an interrupted run exactly
+  certify-fx train --resume runs/fmnist/checkpoint.pt           continue an interrupted run exactly, in its folder
+  certify-fx train recipes/fashion_mnist.yaml --overwrite       replace the earlier run in the same output_dir
+  certify-fx runs runs/                                         list runs and their best VRA
   torchrun --nproc_per_node 8 -m certify_fx train recipes/imagenet.yaml   DDP (NCCL on GPUs, gloo on CPU)
 
 Every recipe key can be overridden with --set section.key=value (values are YAML: 3, 1e-3,
-[crop, flip], null). Unknown keys are errors. Metrics go to OUTPUT_DIR/log.jsonl, the checkpoint
-(rewritten atomically every checkpoint_every epochs) to OUTPUT_DIR/checkpoint.pt.
+[crop, flip], null). Unknown keys are errors. An output_dir that already holds a run is refused
+(use --resume, --overwrite or another --set output_dir=DIR). Metrics go to OUTPUT_DIR/log.jsonl and
+OUTPUT_DIR/summary.csv (and TensorBoard scalars if tensorboard is installed); the checkpoint,
+rewritten atomically every checkpoint_every epochs (and every checkpoint_every_steps steps), to
+OUTPUT_DIR/checkpoint.pt. Ctrl-C or SIGTERM stops at the next step with a checkpoint; --resume
+continues from that very step, with the same batches and random state.
 """
 
 CERTIFY_EXAMPLES = """\
@@ -39,27 +45,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from certify_fx.errors import RecipeError
-    from certify_fx.train import Trainer, history_table, load_checkpoint, load_recipe, recipe_from_dict
+    from certify_fx.train import Trainer, TrainingInterrupted, history_table, load_checkpoint, load_recipe, recipe_from_dict
     from certify_fx.train.recipe import apply_overrides
 
     if args.recipe is None and args.resume is None:
         raise RecipeError("give a RECIPE file, or --resume CHECKPOINT to continue a run")
-    state = load_checkpoint(args.resume) if args.resume is not None else None  # read once
+    if args.resume is not None and args.overwrite:
+        raise RecipeError("--overwrite replaces a run; --resume continues one: give one of them")
     if args.recipe is not None:
         recipe = load_recipe(args.recipe, args.set)
     else:  # the checkpoint's own recipe, with overrides
-        recipe = recipe_from_dict(apply_overrides(state["recipe"], args.set))
-    console = Console() if sys.stdout.isatty() else Console(width=120)  # logs and pipes: no wrapped rows
-    trainer = Trainer(recipe, resume=state, console=console, trust_source=args.trust_source)
+        recipe = recipe_from_dict(apply_overrides(load_checkpoint(args.resume)["recipe"], args.set))
+    # A resumed run continues in its checkpoint's folder unless --set output_dir names another.
+    chosen = any(item.split("=", 1)[0].strip() == "output_dir" for item in args.set)
+    # logs and pipes: tables 120 wide, and lines never wrapped (a path split over two lines cannot be copied)
+    console = Console() if sys.stdout.isatty() else Console(width=120, soft_wrap=True)
+    trainer = Trainer(recipe, resume=args.resume, console=console, trust_source=args.trust_source,
+                      overwrite=args.overwrite, output_dir=recipe.output_dir if chosen or args.resume is None else None)
     try:
+        if trainer.complete:
+            console.print(f"the run in {trainer.out} is complete ({trainer.epoch}/{recipe.epochs} epochs); "
+                          f"to train longer: certify-fx train --resume {trainer.run.checkpoint} --set epochs=N")
+            return 0
         history = trainer.fit()
         if trainer.ctx.is_main:
             console.print(history_table(history, f"{recipe.model.name} on {recipe.data.name} ({recipe.loss.name})"))
-            console.print(f"checkpoint: {Path(recipe.output_dir) / 'checkpoint.pt'}   "
-                          f"log: {Path(recipe.output_dir) / 'log.jsonl'}")
-    except KeyboardInterrupt:
+            console.print(f"checkpoint: {trainer.run.checkpoint}   log: {trainer.run.log}   summary: {trainer.run.summary}")
+    except TrainingInterrupted as stop:
         if trainer.ctx.is_main:
-            console.print(f"interrupted; continue with: certify-fx train --resume {Path(recipe.output_dir) / 'checkpoint.pt'}")
+            console.print(f"stopped by {stop.signal_name} after step {stop.step}; checkpoint written. "
+                          f"Continue with: certify-fx train --resume {stop.checkpoint}")
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        if trainer.ctx.is_main:
+            hint = (f"continue with: certify-fx train --resume {trainer.run.checkpoint}"
+                    if trainer.run.checkpoint.exists() else "no checkpoint was written yet; nothing to resume")
+            console.print(f"interrupted; {hint}")
         return 130
     finally:
         trainer.close()
@@ -169,6 +190,8 @@ def add_parsers(sub) -> None:
                    help="override a recipe key, e.g. --set epochs=5 --set data.batch_size=128 (repeatable)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint written by an earlier run (weights, optimiser, iterates)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in the recipe's output_dir (otherwise refused)")
     t.add_argument("--trust-source", action="store_true",
                    help="allow a recipe whose model.name is Python code (module:attr, file.py:attr) to import it")
     t.set_defaults(func=cmd_train)

@@ -121,3 +121,37 @@ def test_convert_reports_unsupported_models(tmp_path):
     """))
     proc = run("convert", f"{path}:Gated", "--input-size", "3,8,8", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: node 'mul'")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("bad")
+    (root / "garbage.pt").write_bytes(b"\x00\x01 garbage, not a torch file" * 10)
+    torch.save(torch.nn.Linear(2, 2), root / "pickled.pt")
+    return root
+
+
+@pytest.mark.parametrize("command", [["certify"], ["bound"], ["convert"], ["train", "--resume"]])
+@pytest.mark.parametrize("name, says", [("garbage.pt", "is not a readable torch file"),
+                                        ("pickled.pt", "pickled Python object (torch.nn.modules.linear.Linear)")])
+def test_bad_files_are_one_error_line_and_exit_2(bad_files, command, name, says):
+    proc = run(*command, str(bad_files / name), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert says in proc.stderr and "KeyError" not in proc.stderr
+    if name == "pickled.pt":
+        assert "state_dict" in proc.stderr  # says how to save it instead
+
+
+@pytest.mark.parametrize("override, says", [
+    ("loss.options={min_fracton: 0.1}", "unknown recipe key 'loss.options.min_fracton' (did you mean 'min_fraction'?)"),
+    ("loss.options={min_fraction: lots}", "recipe key 'loss.options.min_fraction' must be float"),
+    ("loss.name=tradse", "(did you mean 'trades'?)"),
+    ("optim.lr_min=0", "(did you mean 'min_lr'?)"),
+])
+def test_recipe_typos_fail_when_the_recipe_loads_in_one_line(tmp_path, override, says):
+    proc = run("train", "recipes/smoke.yaml", "--set", override, "--set", f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -63,7 +63,7 @@ def test_two_gloo_processes_match_one(single_run, tmp_path):
            str(SMOKE), "--set", f"output_dir={out}"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "recipe.yaml", "summary.csv"]
     assert result.stdout.count("certify-fx train:") == 1  # only rank 0 prints
     assert _max_diff(_weights(out / "checkpoint.pt"), _weights(single_run / "checkpoint.pt")) < 1e-4
     one = [json.loads(x) for x in (single_run / "log.jsonl").read_text().splitlines()]
@@ -190,10 +190,10 @@ def test_fashion_mnist_recipe_reaches_a_useful_vra(tmp_path):
 
 
 def test_trades_lambda_schedule_and_cll_train_in_process(tmp_path):
-    base = load_recipe(SMOKE, [f"output_dir={tmp_path}", "epochs=1", "data.synthetic.size=128"]).to_dict()
+    base = load_recipe(SMOKE, ["epochs=1", "data.synthetic.size=128"]).to_dict()
     for loss in ({"name": "trades", "options": {"lam": 2.0}, "lam_start": 0.0, "lam_epochs": 1.0},
                  {"name": "cll", "options": {"p": 0.05, "lam": 1e-4}}, {"name": "gloro_ce"}):
-        history = train({**base, "loss": loss}, console=None)
+        history = train({**base, "loss": loss, "output_dir": str(tmp_path / loss["name"])}, console=None)
         assert len(history) == 1 and history[0]["loss"] > 0
 
 

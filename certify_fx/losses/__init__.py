@@ -12,6 +12,8 @@ gathers and scatters; no Python loop over classes) and selects classes by *index
 
 from __future__ import annotations
 
+import inspect
+import typing
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -33,6 +35,7 @@ __all__ = [
     "emma",
     "gloro_ce",
     "gloro_logits",
+    "loss_options",
     "trades",
 ]
 
@@ -53,6 +56,15 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 #: Losses that ignore the margin matrix: training them needs no Lipschitz bound (plain baselines).
 MARGIN_FREE_LOSSES = frozenset({"ce"})
+
+
+def loss_options(name: str) -> dict[str, Any]:
+    """The options loss ``name`` takes (every parameter after ``logits, labels, margin, eps``),
+    mapped to their type annotation."""
+    fn = LOSSES[name]
+    hints = typing.get_type_hints(fn)
+    params = list(inspect.signature(fn).parameters.values())[4:]
+    return {p.name: hints.get(p.name, Any) for p in params if p.kind is not p.VAR_KEYWORD}
 
 
 def create_loss(name: str, **options: Any) -> Loss:

@@ -21,6 +21,8 @@ from .recipe import (
     recipe_from_dict,
 )
 from .schedules import eps_schedule, linear_ramp
+from .interrupt import TrainingInterrupted
+from .run_dir import RunDir
 from .trainer import CHECKPOINT_NAME, LOG_NAME, Trainer, history_table, train
 
 __all__ = [
@@ -35,7 +37,9 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "Recipe",
+    "RunDir",
     "Trainer",
+    "TrainingInterrupted",
     "apply_overrides",
     "build_model",
     "build_split",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "all_reduce_sum"]
+__all__ = ["DistributedContext", "all_gather_objects", "all_reduce_sum"]
 
 
 @dataclass
@@ -66,3 +66,12 @@ def all_reduce_sum(values: list[float], ctx: DistributedContext) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_objects(obj: object, ctx: DistributedContext) -> list[object]:
+    """``obj`` of every process, in rank order (a one-element list without ``torchrun``)."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[object] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

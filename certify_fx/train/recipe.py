@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from ..errors import RecipeError
+from ..errors import RecipeError, did_you_mean
 
 __all__ = [
     "BoundConfig",
@@ -119,7 +119,9 @@ class Recipe:
     seed: int = 0
     epochs: int = 10
     output_dir: str = "runs/default"
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  #: epochs between checkpoints (the last epoch is always written)
+    #: also checkpoint every N steps inside an epoch (0: only at epoch ends and on Ctrl-C/SIGTERM)
+    checkpoint_every_steps: int = 0
     device: str = "auto"  #: auto (cuda if available) | cpu | cuda
     amp: bool = True  #: bf16 autocast on CUDA (the bound stays fp32); ignored on CPU
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,7 +177,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         where = f"in section {prefix!r}" if prefix else "at the top level"
         full = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise RecipeError(f"unknown recipe key {full!r} {where}; "
+        raise RecipeError(f"unknown recipe key {full!r} {where}{did_you_mean(unknown[0], fields)}; "
                           f"allowed: {', '.join(fields)}")
     values = {}
     for name, value in raw.items():
@@ -194,7 +196,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
 
 def _validate(r: Recipe) -> None:
     from ..data import AUGMENTATIONS, DATASETS
-    from ..losses import LOSSES
+    from ..losses import LOSSES, loss_options
     from ..transforms.convert import CONVERT_OPTIONS, TARGETS
 
     checks = [
@@ -208,7 +210,9 @@ def _validate(r: Recipe) -> None:
     ]
     for ok, key, value, allowed in checks:
         if not ok:
-            raise RecipeError(f"recipe key {key!r} has unknown value {value!r}; allowed: {', '.join(allowed)}")
+            raise RecipeError(f"recipe key {key!r} has unknown value {value!r}{did_you_mean(value, allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
+    _validate_loss_options(r, loss_options(r.loss.name))
     for key in r.model.convert_options:
         if key not in CONVERT_OPTIONS:
             raise RecipeError(f"unknown recipe key 'model.convert_options.{key}'; allowed: {', '.join(CONVERT_OPTIONS)}")
@@ -221,8 +225,22 @@ def _validate(r: Recipe) -> None:
                        ("checkpoint_every", r.checkpoint_every), ("data.eval_batch_size", r.data.eval_batch_size)]:
         if value < 1:
             raise RecipeError(f"recipe key {key!r} must be >= 1, got {value}")
+    if r.checkpoint_every_steps < 0:
+        raise RecipeError(f"recipe key 'checkpoint_every_steps' must be >= 0, got {r.checkpoint_every_steps}")
     if r.eps.eps < 0 or r.optim.lr <= 0 or r.bound.power_steps < 0:
         raise RecipeError("eps.eps must be >= 0, optim.lr > 0 and bound.power_steps >= 0")
+
+
+def _validate_loss_options(r: Recipe, allowed: dict[str, Any]) -> None:
+    """Every ``loss.options`` key is a parameter of the loss, with a value of its type."""
+    name = r.loss.name
+    for key, value in r.loss.options.items():
+        if key not in allowed:
+            takes = f"{name} takes {', '.join(allowed)}" if allowed else f"{name} takes no options"
+            raise RecipeError(f"unknown recipe key 'loss.options.{key}'{did_you_mean(key, allowed)}; {takes}")
+        _check_value(value, allowed[key], f"loss.options.{key}")
+    if r.loss.lam_start is not None and "lam" not in allowed:
+        raise RecipeError(f"recipe key 'loss.lam_start' ramps the option 'lam', which loss {name!r} does not take")
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:

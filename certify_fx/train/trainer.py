@@ -2,14 +2,15 @@
 
 Per step: the model's logits and the differentiable margin matrix ``K`` (power iteration with
 persisted iterates) feed the recipe's loss. Per epoch: the proven bound certifies the test set;
-metrics go to ``log.jsonl`` and the console; the checkpoint is rewritten atomically. Randomness is
-reseeded from ``(seed, epoch)`` at every epoch, so resuming from a checkpoint repeats the
-uninterrupted run exactly.
+metrics go to ``log.jsonl``, ``summary.csv`` (and TensorBoard) and the console; the checkpoint is
+rewritten atomically. Batches are a pure function of ``(seed, epoch, step)`` (see
+:mod:`.sampling`) and a checkpoint holds every process's random state, so a run resumed from any
+step, including a checkpoint written on Ctrl-C or SIGTERM mid-epoch, repeats the uninterrupted
+run exactly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -19,29 +20,30 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..bounds import bound as bound_model
 from ..certify import GloRo
 from ..errors import RecipeError, UnsupportedNodeError
 from ..files import atomic_write_text
 from ..losses import MARGIN_FREE_LOSSES, create_loss
+from ..progress import ProgressLike, progress_display
 from .builders import build_model, build_split, recipe_dataset_info
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistributedContext, all_reduce_sum
+from .distributed import DistributedContext, all_gather_objects, all_reduce_sum
 from .evaluate import evaluate_certified
+from .interrupt import StopRequest, TrainingInterrupted
 from .recipe import Recipe, recipe_from_dict
+from .run_dir import CHECKPOINT_NAME, LOG_NAME, RunDir, TensorBoardScalars
+from .sampling import ResumableSampler, SeededSamples
 from .schedules import eps_schedule, linear_ramp
 
-__all__ = ["Trainer", "train"]
-
-CHECKPOINT_NAME, LOG_NAME = "checkpoint.pt", "log.jsonl"
+__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "Trainer", "TrainingInterrupted", "train"]
 
 
 class LogitsAndMargin(nn.Module):
@@ -65,8 +67,8 @@ class LogitsAndMargin(nn.Module):
 
 
 # Keys that may change on resume without changing the result of the run.
-_RESUMABLE_CHANGES = {"output_dir", "checkpoint_every", "device", "data.root", "data.num_workers",
-                      "data.eval_batch_size", "bound.eval_every"}
+_RESUMABLE_CHANGES = {"output_dir", "checkpoint_every", "checkpoint_every_steps", "device", "data.root",
+                      "data.num_workers", "data.eval_batch_size", "bound.eval_every"}
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -90,21 +92,35 @@ class Trainer:
     Args:
         recipe: the run's settings.
         resume: a checkpoint to continue from, as a path or as read by :func:`load_checkpoint`
-            (its weights, optimiser, power-iteration iterates and metrics history are restored).
+            (its weights, optimiser, power-iteration iterates, random state, metrics history and,
+            for a checkpoint written mid-epoch, its position in the epoch are restored).
         console: where the live display goes (rank 0 only); ``None`` for a default console.
+        trust_source: allow a recipe whose ``model.name`` is Python code to import it.
+        overwrite: replace the results of an earlier run in the output folder (only its own files)
+            instead of refusing to start.
+        output_dir: where the run writes. Default: a resumed run continues in its checkpoint's
+            folder (wherever that was moved), a new run uses ``recipe.output_dir``.
     """
 
     def __init__(self, recipe: Recipe, resume: str | Path | dict[str, Any] | None = None,
-                 console: Console | None = None, trust_source: bool = False) -> None:
+                 console: Console | None = None, trust_source: bool = False, overwrite: bool = False,
+                 output_dir: str | Path | None = None) -> None:
         self.recipe = recipe
         self.ctx = DistributedContext.from_env(recipe.device)
         self.console = console or Console(stderr=False)
-        self.out = Path(recipe.output_dir)
+        state = load_checkpoint(resume, map_location="cpu") if isinstance(resume, (str, Path)) else resume
+        here = Path(resume).parent if isinstance(resume, (str, Path)) else None
+        self.run = RunDir(Path(output_dir if output_dir is not None else here or recipe.output_dir))
+        recipe.output_dir = str(self.run.path)  # what recipe.yaml and the checkpoints record
+        resuming_here = state is not None and (here is None or here.resolve() == self.run.path.resolve())
+        if self.ctx.is_main:  # before anything slow: a refused folder fails at once
+            self.run.claim(overwrite=overwrite, resuming_here=resuming_here)
+        self.out = self.run.path
         device = self.ctx.device
         torch.manual_seed(recipe.seed)  # identical initial weights on every process
         self.info = recipe_dataset_info(recipe)
         # Source weights are read at the start of a run only; a resumed run restores its own.
-        self.model = build_model(recipe, source_weights=resume is None, trust_source=trust_source).to(device)
+        self.model = build_model(recipe, source_weights=state is None, trust_source=trust_source).to(device)
         self.gloro = (GloRo(self.model, recipe.eps.eps, self.info.input_shape, recipe.bound.power_steps)
                       if recipe.loss.name not in MARGIN_FREE_LOSSES else None)
         self.net = LogitsAndMargin(self.model, self.gloro, autocast=recipe.amp and device.type == "cuda")
@@ -114,10 +130,10 @@ class Trainer:
         world = self.ctx.world_size
         if recipe.data.batch_size % world:
             raise RecipeError(f"data.batch_size {recipe.data.batch_size} is not divisible by {world} processes")
-        self.sampler = DistributedSampler(self.train_set, num_replicas=world, rank=self.ctx.rank, shuffle=True,
-                                          seed=recipe.seed, drop_last=True)
-        self.loader = DataLoader(self.train_set, batch_size=recipe.data.batch_size // world, sampler=self.sampler,
-                                 drop_last=True, num_workers=recipe.data.num_workers,
+        self.sampler = ResumableSampler(self.train_set, num_replicas=world, rank=self.ctx.rank, shuffle=True,
+                                        seed=recipe.seed, drop_last=True)
+        self.loader = DataLoader(SeededSamples(self.train_set, recipe.seed), batch_size=recipe.data.batch_size // world,
+                                 sampler=self.sampler, drop_last=True, num_workers=recipe.data.num_workers,
                                  pin_memory=device.type == "cuda", persistent_workers=recipe.data.num_workers > 0)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -139,21 +155,38 @@ class Trainer:
                     if self.ctx.distributed else self.net)
 
         self.epoch, self.step, self.history = 0, 0, []
+        self._partial: dict[str, Any] | None = None  # this process's progress through an unfinished epoch
         self.resumed_changes: list[str] = []  # recipe keys that differ from the checkpoint's
-        if resume is not None:
-            self._restore(resume if isinstance(resume, dict) else load_checkpoint(resume, map_location=device))
+        self.stop = StopRequest(self.ctx)
+        if state is not None:
+            self._restore(state)
         self.scheduler.step_update(self.step)
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    @property
+    def complete(self) -> bool:
+        """Every epoch of the recipe has been trained."""
+        return self.epoch >= self.recipe.epochs
+
+    def state_dict(self, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The run's state; ``partial`` is this process's progress through an unfinished epoch.
+
+        Collective under ``torchrun``: every process contributes its random state (and progress).
+        """
+        rng = {"cpu": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        processes = all_gather_objects({"rng": rng, "partial": partial}, self.ctx)
         return {
             "recipe": self.recipe.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
             "model": self.model.state_dict(),
             "bound": self.gloro.compiler.state_dict() if self.gloro is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
+            "processes": processes,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -163,9 +196,31 @@ class Trainer:
             self.gloro.compiler.load_state_dict(state["bound"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = int(state["epoch"]), int(state["step"]), list(state["history"])
-        if self.step != self.epoch * self.steps_per_epoch:
-            raise RecipeError(f"the checkpoint was written with {self.step // max(self.epoch, 1)} steps per epoch, "
-                              f"this recipe makes {self.steps_per_epoch}: resume with the same data and batch size")
+        written = int(state.get("steps_per_epoch", self.step // max(self.epoch, 1)))
+        if written != self.steps_per_epoch or not 0 <= self.step - self.epoch * self.steps_per_epoch < written:
+            raise RecipeError(f"the checkpoint was written with {written} steps per epoch, this recipe makes "
+                              f"{self.steps_per_epoch}: resume with the same data, batch size and processes")
+        processes = state.get("processes") or []
+        if len(processes) == self.ctx.world_size:
+            mine = processes[self.ctx.rank]
+            self._partial = mine["partial"]
+            if self._partial is not None:  # mid-epoch: continue with the random state it had
+                self._partial["rng"] = mine["rng"]
+        elif processes and any(p["partial"] for p in processes):
+            raise RecipeError(f"the checkpoint was written mid-epoch by {len(processes)} process(es); "
+                              f"resume it with the same number (not {self.ctx.world_size})")
+
+    def _set_rng(self, rng: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
+
+    def save(self, partial: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint (atomically; collective under ``torchrun``); returns its path."""
+        state = self.state_dict(partial)
+        if self.ctx.is_main:
+            save_checkpoint(self.run.checkpoint, state)
+        return self.run.checkpoint
 
     # -- training ---------------------------------------------------------------------------
     def _loss_options(self, progress: float) -> dict[str, Any]:
@@ -176,15 +231,27 @@ class Trainer:
                                          lc.lam_epochs if lc.lam_epochs is not None else self.recipe.epochs / 2)
         return options
 
-    def train_epoch(self, progress: Progress | None = None) -> dict[str, float]:
+    def train_epoch(self, progress: ProgressLike | None = None) -> dict[str, float]:
+        """Train the rest of the current epoch (all of it, unless resumed mid-epoch).
+
+        Raises:
+            TrainingInterrupted: on SIGINT/SIGTERM, after checkpointing the step just finished.
+        """
         r, epoch = self.recipe, self.epoch
+        partial, self._partial = self._partial or {}, None
+        done = int(partial.get("batches", 0))
         _seed_epoch(r.seed, epoch, self.ctx.rank)
         self.sampler.set_epoch(epoch)
+        self.sampler.start_at(done * self.loader.batch_size)
+        batches = iter(self.loader)  # draws the loader's base seed: before the random state is restored
+        if "rng" in partial:
+            self._set_rng(partial["rng"])
         self.net.train()
-        task = progress.add_task(f"epoch {epoch + 1}/{r.epochs}", total=self.steps_per_epoch, info="") if progress else None
-        loss_sum = correct = count = 0.0
-        eps_t = k_max = math.nan
-        for i, (x, y) in enumerate(self.loader):
+        task = (progress.add_task(f"epoch {epoch + 1}/{r.epochs}", total=self.steps_per_epoch, completed=done,
+                                  info="") if progress else None)
+        sums = {k: float(partial.get(k, 0.0)) for k in ("loss_sum", "correct", "count")}
+        eps_t, k_max = float(partial.get("eps_t", math.nan)), float(partial.get("k_max", math.nan))
+        for i, (x, y) in enumerate(batches, start=done):
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
             t = epoch + i / self.steps_per_epoch
             eps_t = eps_schedule(r.eps.schedule, r.eps.eps, t, r.epochs, r.eps.start, r.eps.train_multiplier,
@@ -202,24 +269,31 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             self.scheduler.step_update(self.step)
-            loss_sum += loss_value * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            count += len(y)
+            sums["loss_sum"] += loss_value * len(y)
+            sums["correct"] += (logits.argmax(1) == y).sum().item()
+            sums["count"] += len(y)
             if margin is not None:
                 k_max = margin.detach().max().item()
             if task is not None:
-                progress.update(task, advance=1, info=f"loss {loss_sum / count:.4f}  acc {correct / count:.3f}  "
+                progress.update(task, advance=1, info=f"loss {sums['loss_sum'] / sums['count']:.4f}  "
+                                                      f"acc {sums['correct'] / sums['count']:.3f}  "
                                                       f"eps {eps_t:.3f}  K~{k_max:.2f}")
+            stopping = self.stop.requested()
+            periodic = r.checkpoint_every_steps and self.step % r.checkpoint_every_steps == 0
+            if (stopping or periodic) and i + 1 < self.steps_per_epoch:
+                path = self.save({"batches": i + 1, **sums, "eps_t": eps_t, "k_max": k_max})
+                if stopping:
+                    raise TrainingInterrupted(self.stop.signal_name or "a signal", path, self.step)
         if task is not None:
             progress.remove_task(task)
         if r.bound.converge_steps and self.gloro is not None:
             with torch.no_grad():  # GloRo App. B: iterates converge once per epoch
                 k_max = self.gloro.compiler.estimate(steps=r.bound.converge_steps, tol=1e-6).max().item()
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.ctx)
+        loss_sum, correct, count = all_reduce_sum([sums["loss_sum"], sums["correct"], sums["count"]], self.ctx)
         return {"loss": loss_sum / count, "train_accuracy": correct / count, "eps_train": eps_t,
                 "K_estimate": k_max, "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def evaluate(self, progress: Progress | None = None) -> dict[str, Any]:
+    def evaluate(self, progress: ProgressLike | None = None) -> dict[str, Any]:
         self.net.eval()
         uncertifiable = None
         if self.gloro is not None:
@@ -239,36 +313,44 @@ class Trainer:
         return metrics
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train the remaining epochs; returns the metrics history (one dict per epoch)."""
+        """Train the remaining epochs; returns the metrics history (one dict per epoch).
+
+        Raises:
+            TrainingInterrupted: on SIGINT/SIGTERM, once the checkpoint to resume from is written.
+        """
         r, main = self.recipe, self.ctx.is_main
+        tensorboard = TensorBoardScalars(self.run) if main else None
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.out / "recipe.yaml")
-            self._write_log()
+            atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.run.recipe)
+            if self.history:  # a run resumed into a new folder brings its earlier epochs
+                self.run.write_logs(self.history)
             self._print_header()
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"))
-        with Progress(*columns, console=self.console, disable=not main, transient=True) as progress:
-            while self.epoch < r.epochs:
-                start = time.perf_counter()
-                metrics = {"epoch": self.epoch + 1, **self.train_epoch(progress)}
-                self.epoch += 1
-                if self.epoch % r.bound.eval_every == 0 or self.epoch == r.epochs:
-                    metrics.update(self.evaluate())
-                metrics["seconds"] = time.perf_counter() - start
-                self.history.append(metrics)
-                if main:
-                    self._write_log()
-                    if self.epoch % r.checkpoint_every == 0 or self.epoch == r.epochs:
-                        save_checkpoint(self.out / CHECKPOINT_NAME, self.state_dict())
-                    self._print_epoch(metrics)
+        try:
+            with self.stop, progress_display(self.console, enabled=main) as progress:
+                while self.epoch < r.epochs:
+                    start = time.perf_counter()
+                    metrics = {"epoch": self.epoch + 1, **self.train_epoch(progress)}
+                    self.epoch += 1
+                    if self.epoch % r.bound.eval_every == 0 or self.epoch == r.epochs:
+                        metrics.update(self.evaluate(progress))
+                    metrics["seconds"] = time.perf_counter() - start
+                    self.history.append(metrics)
+                    stopping = self.stop.requested()
+                    if stopping or self.epoch % r.checkpoint_every == 0 or self.epoch == r.epochs:
+                        self.save()
+                    if main:
+                        self.run.write_logs(self.history)
+                        tensorboard.add_epoch(metrics)
+                        self._print_epoch(metrics)
+                    if stopping and self.epoch < r.epochs:
+                        raise TrainingInterrupted(self.stop.signal_name or "a signal", self.run.checkpoint, self.step)
+        finally:
+            if tensorboard is not None:
+                tensorboard.close()
         self.ctx.barrier()
         return self.history
 
     # -- output -----------------------------------------------------------------------------
-    def _write_log(self) -> None:
-        atomic_write_text("".join(json.dumps(m) + "\n" for m in self.history), self.out / LOG_NAME)
-
     def _print_header(self) -> None:
         r = self.recipe
         params = sum(p.numel() for p in self.model.parameters())
@@ -276,9 +358,11 @@ class Trainer:
             f"[bold]certify-fx train[/]: {r.model.name} ({params / 1e6:.2f}M parameters) on {r.data.name} "
             f"({len(self.train_set)} train / {len(self.test_set)} test), loss {r.loss.name}, eps {r.eps.eps:.4f}, "
             f"{r.epochs} epochs x {self.steps_per_epoch} steps, {self.ctx.world_size} process(es) on "
-            f"{self.ctx.device.type} -> {self.out}")
-        if self.epoch:
-            self.console.print(f"resumed after epoch {self.epoch} (step {self.step})")
+            f"{self.ctx.device.type} -> {self.out}", soft_wrap=True)
+        if self.step:
+            within = self.step - self.epoch * self.steps_per_epoch
+            where = f"epoch {self.epoch}" + (f" and {within} steps of epoch {self.epoch + 1}" if within else "")
+            self.console.print(f"resumed after {where} (step {self.step})")
         changed = [k for k in self.resumed_changes if k not in _RESUMABLE_CHANGES]
         if changed:
             self.console.print(f"[yellow]warning[/]: the recipe differs from the checkpoint's in {', '.join(changed)}; "
@@ -289,7 +373,7 @@ class Trainer:
         clean = f"  clean {m['clean_accuracy']:.3f}  {vra}  K {m['K']:.3f}" if "clean_accuracy" in m else ""
         self.console.print(f"epoch {m['epoch']:>3}/{self.recipe.epochs}  loss {m['loss']:.4f}  "
                            f"train acc {m['train_accuracy']:.3f}{clean}  eps_train {m['eps_train']:.3f}  "
-                           f"lr {m['lr']:.2e}  {m['seconds']:.1f}s")
+                           f"lr {m['lr']:.2e}  {m['seconds']:.1f}s", soft_wrap=True)
 
     def close(self) -> None:
         self.ctx.close()
@@ -311,10 +395,14 @@ def history_table(history: list[dict[str, Any]], title: str = "training") -> Tab
 
 
 def train(recipe: Recipe | dict, resume: str | Path | None = None, console: Console | None = None,
-          trust_source: bool = False) -> list[dict]:
-    """Train a recipe (a :class:`Recipe` or plain dict) and return the metrics history."""
+          trust_source: bool = False, overwrite: bool = False) -> list[dict]:
+    """Train a recipe (a :class:`Recipe` or plain dict) and return the metrics history.
+
+    A folder that already holds a run is refused unless ``overwrite``; ``resume`` continues a run
+    in its checkpoint's folder (see :class:`Trainer`).
+    """
     recipe = recipe if isinstance(recipe, Recipe) else recipe_from_dict(recipe)
-    trainer = Trainer(recipe, resume, console, trust_source=trust_source)
+    trainer = Trainer(recipe, resume, console, trust_source=trust_source, overwrite=overwrite)
     try:
         return trainer.fit()
     finally:

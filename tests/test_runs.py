@@ -1,0 +1,183 @@
+"""Runs never lose work: guarded output folders, resuming where the checkpoint is, exact stops."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from certify_fx.errors import RecipeError
+from certify_fx.train import Trainer, TrainingInterrupted, load_checkpoint, load_recipe
+
+ROOT = Path(__file__).parent.parent
+SMOKE = ROOT / "recipes" / "smoke.yaml"
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+
+
+def _cli(*args, **kw):
+    return subprocess.run([str(BIN / "certify-fx"), *map(str, args)], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, **kw)
+
+
+def _recipe(out, *overrides):
+    return load_recipe(SMOKE, [f"output_dir={out}", "data.augment=[crop, flip]", *overrides])
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The smoke recipe with augmentation, trained without a stop: final weights and history."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    trainer = Trainer(_recipe(out))
+    trainer.fit()
+    return out, {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer.history
+
+
+def _signal_at(trainer, call: int, sig=signal.SIGINT):
+    """Make ``trainer`` receive ``sig`` during its ``call``-th training step."""
+    loss_fn, calls = trainer.loss_fn, [0]
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), sig)
+        return loss_fn(*args, **kwargs)
+
+    trainer.loss_fn = loss
+
+
+@pytest.mark.parametrize("sig, at_call, workers", [(signal.SIGINT, 11, 0), (signal.SIGTERM, 5, 2)])
+def test_a_signal_mid_epoch_checkpoints_that_step_and_resuming_is_bit_identical(uninterrupted, tmp_path, sig,
+                                                                                at_call, workers):
+    _, weights, history = uninterrupted
+    trainer = Trainer(_recipe(tmp_path))
+    _signal_at(trainer, at_call, sig)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit()
+    assert stop.value.signal_name == signal.Signals(sig).name and stop.value.step == at_call
+    state = load_checkpoint(stop.value.checkpoint)
+    assert state["step"] == at_call and state["step"] % state["steps_per_epoch"]  # mid-epoch: no step lost
+    # resumed with worker processes: each sample's augmentation is seeded by itself, not by who draws it
+    resumed = Trainer(_recipe(tmp_path, f"data.num_workers={workers}"), resume=stop.value.checkpoint)
+    assert resumed.step == at_call
+    resumed.fit()
+    assert _same_weights(resumed.model.state_dict(), weights)
+    assert [m["loss"] for m in resumed.history] == [m["loss"] for m in history]
+    assert [m["vra"] for m in resumed.history] == [m["vra"] for m in history]
+
+
+def test_checkpoint_every_steps_bounds_the_work_a_crash_loses(uninterrupted, tmp_path):
+    _, weights, _ = uninterrupted
+    trainer = Trainer(_recipe(tmp_path, "checkpoint_every_steps=3"))
+    loss_fn, calls = trainer.loss_fn, [0]
+
+    def crashes(*args, **kwargs):  # a hard failure, not a signal: no checkpoint on the way out
+        calls[0] += 1
+        if calls[0] == 14:
+            raise MemoryError("simulated crash")
+        return loss_fn(*args, **kwargs)
+
+    trainer.loss_fn = crashes
+    with pytest.raises(MemoryError):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 12  # the last multiple of 3 before the crash
+    resumed = Trainer(_recipe(tmp_path), resume=tmp_path / "checkpoint.pt")
+    resumed.fit()
+    assert _same_weights(resumed.model.state_dict(), weights)
+
+
+def test_sigint_to_the_cli_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
+    augment = ("--set", "data.augment=[crop, flip]")
+    reference = tmp_path / "reference"  # the same thread count as the interrupted one: bit-identical
+    assert _cli("train", SMOKE, "--set", f"output_dir={reference}", *augment).returncode == 0
+    weights = load_checkpoint(reference / "checkpoint.pt")["model"]
+    out = tmp_path / "run"
+    cmd = [str(BIN / "certify-fx"), "train", str(SMOKE), "--set", f"output_dir={out}", *augment, "--set",
+           "checkpoint_every_steps=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    stopped = [line for line in stdout.splitlines() if line.startswith("stopped by SIGINT after step")]
+    assert stopped, stdout
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == step  # the step in flight was kept
+    assert f"certify-fx train --resume {out / 'checkpoint.pt'}" in stdout
+
+    result = _cli("train", "--resume", out / "checkpoint.pt")
+    assert result.returncode == 0, result.stderr
+    assert f"(step {step})" in result.stdout  # resumed from the very step it stopped at
+    assert _same_weights(load_checkpoint(out / "checkpoint.pt")["model"], weights)
+    assert (out / "log.jsonl").read_text() == (reference / "log.jsonl").read_text().replace(
+        str(reference), str(out)) or [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()] == [
+        json.loads(x)["loss"] for x in (reference / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_twice_into_one_folder_never_loses_the_first_run(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = _cli("train", SMOKE, "--set", f"output_dir={out}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(RecipeError, match="already holds a run"):
+        Trainer(load_recipe(SMOKE, [f"output_dir={out}"]))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    (out / "notes.txt").write_text("mine")
+    result = _cli("train", SMOKE, "--set", f"output_dir={out}", "--set", "epochs=1", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and len((out / "log.jsonl").read_text().splitlines()) == 1
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only the run's own files
+
+
+def test_resume_writes_where_the_checkpoint_is_and_a_finished_run_says_so(uninterrupted, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(uninterrupted[0], moved)
+    os.chdir(tmp_path)  # a relative recorded output_dir must not matter either
+    try:
+        result = _cli("train", "--resume", moved / "checkpoint.pt", "--set", "epochs=4")
+        assert result.returncode == 0, result.stderr
+        assert load_checkpoint(moved / "checkpoint.pt")["epoch"] == 4
+        assert len((moved / "log.jsonl").read_text().splitlines()) == 4
+        assert load_recipe(moved / "recipe.yaml").output_dir == str(moved)
+        assert len(list(uninterrupted[0].glob("*.pt"))) == 1  # the original folder was not written to
+        assert load_checkpoint(uninterrupted[0] / "checkpoint.pt")["epoch"] == 3
+        again = _cli("train", "--resume", moved / "checkpoint.pt")
+        assert again.returncode == 0 and "is complete (4/4 epochs)" in again.stdout
+    finally:
+        os.chdir(ROOT)
+
+
+def test_interrupting_before_the_first_step_gives_no_resume_hint(tmp_path):
+    trainer = Trainer(load_recipe(SMOKE, [f"output_dir={tmp_path}"]))
+    trainer.train_epoch = lambda progress=None: (_ for _ in ()).throw(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert not (tmp_path / "checkpoint.pt").exists()
+    # nothing was trained, so the folder holds no run and a new one may start there
+    Trainer(load_recipe(SMOKE, [f"output_dir={tmp_path}"]))
+
+
+def test_summary_csv_has_one_row_per_epoch_with_vra_columns(uninterrupted):
+    out, _, history = uninterrupted
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [m["epoch"] for m in history]
+    assert float(rows[-1]["vra@0.1"]) == history[-1]["vra"]["0.1"]
+    assert float(rows[-1]["clean_accuracy"]) == history[-1]["clean_accuracy"]
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
