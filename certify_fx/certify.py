@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .bounds.compiler import FULL_PRECISION, BoundCompiler, LipschitzBound
 from .bounds.fingerprint import model_fingerprint
 from .errors import CertifyFxError, StaleBoundError, UnprovenBoundError
 from .tracing import configured_input_shape
+
+if TYPE_CHECKING:
+    from .progress import ProgressLike
 
 __all__ = ["Certificate", "GloRo", "bottom_logit", "certified_radius", "certify", "check_bound", "check_eps",
            "round_up", "verified_robust_accuracy", "ROUNDING_SLACK_ULPS"]
@@ -254,12 +257,13 @@ class GloRo(nn.Module):
             self._compile(self._compiler.input_shape)
         return self._compiler
 
-    def lipschitz_bound(self) -> LipschitzBound:
-        """The proven bound for the current weights (cached until they change)."""
+    def lipschitz_bound(self, progress: ProgressLike | None = None) -> LipschitzBound:
+        """The proven bound for the current weights (cached until they change); ``progress``
+        shows the computation node by node."""
         key = model_fingerprint(self.model)
         compiler = self._compiler_for(key.structure)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, compiler.sound_bound(estimate_steps=0))
+            self._cached = (key, compiler.sound_bound(estimate_steps=0, progress=progress))
         return self._cached[1]
 
     def margin(self) -> torch.Tensor:

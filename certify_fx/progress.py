@@ -4,7 +4,7 @@
 ``advance``, ``remove_task``) whatever the output is. In a terminal it is a :class:`rich.progress.
 Progress` with elapsed time and ETA. When the console is not a terminal (CI, ``nohup``, ``| tee``)
 a live bar would print nothing until the end, so :class:`LineProgress` prints one unwrapped line
-per task every ``interval`` seconds and when the task finishes.
+per task every ``interval`` seconds, and when a task that took a while finishes.
 
 >>> with progress_display(console) as progress:
 ...     task = progress.add_task("bound", total=len(nodes))
@@ -97,7 +97,8 @@ class LineProgress:
         task.description = description or task.description
         task.fields.update(fields)
         now = time.monotonic()
-        finished = task.total is not None and task.completed >= task.total
+        # a finished task gets a closing line unless it was too quick to be worth one
+        finished = task.total is not None and task.completed >= task.total and now - task.start >= self.interval / 10
         if finished or now - task.printed >= self.interval:
             task.printed = now
             self.console.print(self._line(task, now), soft_wrap=True, highlight=False, markup=False)

@@ -83,7 +83,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     model, shape = loaded.model, _input_shape(loaded, args.input_size)
     start = time.perf_counter()
-    result = _bound_with_status(cfx, model, shape, args.estimate_steps, quiet=args.json)
+    result = _bound_with_progress(cfx, model, shape, args.estimate_steps)
     seconds = time.perf_counter() - start
     if args.json:
         data = result.to_dict()
@@ -96,14 +96,13 @@ def cmd_bound(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bound_with_status(cfx, model, shape, estimate_steps: int, quiet: bool = False):
-    """``cfx.bound`` with a spinner on stderr (wide models take minutes on a CPU)."""
-    from rich.console import Console
+def _bound_with_progress(cfx, model, shape, estimate_steps: int):
+    """``cfx.bound`` with per-node progress on stderr (wide models take minutes on a CPU), so
+    that stdout stays clean for ``--json``."""
+    from certify_fx.progress import progress_display
 
-    if quiet:
-        return cfx.bound(model, shape, estimate_steps=estimate_steps)
-    with Console(stderr=True).status(f"bounding {type(model).__name__} on {shape} ..."):
-        return cfx.bound(model, shape, estimate_steps=estimate_steps)
+    with progress_display() as progress:
+        return cfx.bound(model, shape, estimate_steps=estimate_steps, progress=progress)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -118,9 +117,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if loaded.conversion:
         raise cfx.CertifyFxError(f"{args.model} is already converted (to {loaded.conversion['to']!r})")
     model, shape = loaded.model, _input_shape(loaded, args.input_size)
-    with Console(stderr=True).status(f"converting {args.model} to {args.to} ..."):
+    from certify_fx.progress import progress_display
+
+    with progress_display() as progress:
         converted = cfx.convert(model, to=args.to, input_shape=shape, activation=args.activation,
-                                max_pool=args.max_pool)
+                                max_pool=args.max_pool, progress=progress)
     table = Table(title=f"rewrite log: {args.model} -> {args.to}")
     table.add_column("pass", no_wrap=True, min_width=27)
     table.add_column("node", no_wrap=True)
@@ -137,7 +138,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         console.print(f"saved to {args.output} (reload: certify_fx.load_converted, or certify-fx bound {args.output})")
     if not args.no_bound:
         start = time.perf_counter()
-        result = _bound_with_status(cfx, converted, shape, args.estimate_steps)
+        result = _bound_with_progress(cfx, converted, shape, args.estimate_steps)
         print_bound(result, console, f"{args.model} ({args.to})", time.perf_counter() - start, show_nodes=False)
     return 0
 

@@ -91,11 +91,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
     """Certify a model on a test set with the proven bound."""
     import torch
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
     import certify_fx as cfx
     from certify_fx.data import dataset_info
+    from certify_fx.progress import progress_display
     from certify_fx.errors import RecipeError
     from certify_fx.train import Recipe, build_split, evaluate_certified
 
@@ -119,12 +119,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         raise RecipeError(f"--data {data_name} has inputs {shape}, but the model takes {tuple(loaded.input_shape)}")
     dataset = build_split(recipe, "test", name=args.data)  # a missing dataset fails before the bound
     start = time.perf_counter()
-    with console.status("computing the proven Lipschitz bound"):
-        bound = cfx.bound(model, shape, estimate_steps=0)
-    bound_seconds = time.perf_counter() - start
-    with Progress(console=console, transient=True, disable=args.json) as progress, torch.inference_mode():
-        result = evaluate_certified(model, bound, dataset, eps, recipe.data.eval_batch_size, keep_radii=True,
-                                    progress=progress)
+    with progress_display() as progress:  # on stderr: stdout stays clean for --json
+        bound = cfx.bound(model, shape, estimate_steps=0, progress=progress)
+        bound_seconds = time.perf_counter() - start
+        with torch.inference_mode():
+            result = evaluate_certified(model, bound, dataset, eps, recipe.data.eval_batch_size, keep_radii=True,
+                                        progress=progress)
     seconds = time.perf_counter() - start
     summary = {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
                "bound": bound.margin.max().item(), "seconds": seconds,

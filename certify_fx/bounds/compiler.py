@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
@@ -37,6 +37,9 @@ from .norms import SAFETY
 from .operators import Compose, Dense, Identity, LinearOperator, compose, has_exact_bound, materialized_bound
 from .power_iteration import power_iteration
 from .values import Lipschitz, NodeBound, Refused, Shape, Tracked, find_refused, has_tracked
+
+if TYPE_CHECKING:
+    from ..progress import ProgressLike
 
 __all__ = ["Tracked", "NodeBound", "LipschitzBound", "BoundCompiler", "bound", "Recording", "record", "linear_form"]
 
@@ -270,8 +273,10 @@ class Evaluator(fx.Interpreter):
     """
 
     def __init__(self, gm: fx.GraphModule, recording: Recording, norm: Callable[[LinearOperator, str], Lipschitz],
-                 margin: Callable[[LinearOperator, str], tuple] | None, logits: bool = True) -> None:
+                 margin: Callable[[LinearOperator, str], tuple] | None, logits: bool = True,
+                 on_node: Callable[[fx.Node], None] | None = None) -> None:
         super().__init__(gm, garbage_collect_values=False)
+        self.on_node = on_node  # told after each node (progress displays)
         self.extra_traceback = False  # our errors already name the node
         self.recording = recording
         self.shapes = recording.shapes
@@ -387,6 +392,12 @@ class Evaluator(fx.Interpreter):
 
     # -- interpreter -----------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
+        result = self._run_node(n)
+        if self.on_node is not None:
+            self.on_node(n)
+        return result
+
+    def _run_node(self, n: fx.Node) -> Any:
         self.node = n
         try:
             if n.op in _CALLS:
@@ -600,20 +611,30 @@ class BoundCompiler(nn.Module):
         return margin
 
     # -- evaluation ------------------------------------------------------------------------
-    def _run(self, norm, margin) -> tuple[Evaluator, tuple]:
-        evaluator = Evaluator(self.graph_module, self._recording, norm, margin)
-        evaluator.run(torch.empty(0))  # the placeholder value is never used
+    def _run(self, norm, margin, progress: ProgressLike | None = None) -> tuple[Evaluator, tuple]:
+        on_node = task = None
+        if progress is not None:
+            task = progress.add_task("bound", total=len(self.graph_module.graph.nodes), info="")
+            on_node = lambda node: progress.update(task, advance=1, info=node.name)  # noqa: E731
+        evaluator = Evaluator(self.graph_module, self._recording, norm, margin, on_node=on_node)
+        try:
+            evaluator.run(torch.empty(0))  # the placeholder value is never used
+        finally:
+            if task is not None:
+                progress.remove_task(task)
         return evaluator, evaluator.output_margin
 
     @torch.no_grad()
-    def sound_bound(self, estimate_steps: int = 100, tol: float = 1e-6) -> LipschitzBound:
-        """The proven bound (and a power-iteration estimate with ``estimate_steps`` iterations)."""
+    def sound_bound(self, estimate_steps: int = 100, tol: float = 1e-6,
+                    progress: ProgressLike | None = None) -> LipschitzBound:
+        """The proven bound (and a power-iteration estimate with ``estimate_steps`` iterations);
+        ``progress`` (see :func:`certify_fx.progress.progress_display`) shows one step per node."""
         fingerprint = model_fingerprint(self.model)
         if fingerprint.structure != self.structure:
             raise CertifyFxError("the model's structure changed since it was traced (a replaced submodule, a "
                                  "changed attribute, a hook); compile it again")
         norm = self._sound_norm(estimate_steps, tol)
-        evaluator, (margin, estimate, penultimate, sound) = self._run(norm, self._margin_fn(True, norm))
+        evaluator, (margin, estimate, penultimate, sound) = self._run(norm, self._margin_fn(True, norm), progress)
         margin = margin.clone()
         margin.fill_diagonal_(0)
         estimate = torch.as_tensor(estimate, dtype=torch.float64).detach().clone()
@@ -652,7 +673,7 @@ def linear_form(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Tracked:
 
 
 def bound(model: nn.Module, input_shape: tuple[int, ...], estimate_steps: int = 100,
-          materialize_limit: int = 2048) -> LipschitzBound:
+          materialize_limit: int = 2048, progress: ProgressLike | None = None) -> LipschitzBound:
     """Sound per-margin Lipschitz constants of ``model`` on inputs of ``input_shape``.
 
     Args:
@@ -660,9 +681,15 @@ def bound(model: nn.Module, input_shape: tuple[int, ...], estimate_steps: int = 
         input_shape: one input's shape without batch, e.g. ``(3, 224, 224)``.
         estimate_steps: power-iteration steps for ``.estimate`` (0 skips the estimate).
         materialize_limit: operators this small are materialised and bounded exactly.
+        progress: a progress display (:func:`certify_fx.progress.progress_display`) to show one
+            step per graph node on; the wide convolutions of big models take minutes on a CPU.
 
     Raises:
         UnsupportedNodeError: a node whose Lipschitz behaviour is unknown or unbounded; the
             message names the node, its op, and the fix.
     """
-    return BoundCompiler(model, input_shape, materialize_limit).sound_bound(estimate_steps)
+    task = progress.add_task("trace", total=None, info="") if progress is not None else None
+    compiler = BoundCompiler(model, input_shape, materialize_limit)
+    if task is not None:
+        progress.remove_task(task)
+    return compiler.sound_bound(estimate_steps, progress=progress)

@@ -287,8 +287,11 @@ class Trainer:
         if task is not None:
             progress.remove_task(task)
         if r.bound.converge_steps and self.gloro is not None:
+            converge = progress.add_task("converge K", total=None, info="") if progress else None
             with torch.no_grad():  # GloRo App. B: iterates converge once per epoch
                 k_max = self.gloro.compiler.estimate(steps=r.bound.converge_steps, tol=1e-6).max().item()
+            if converge is not None:
+                progress.remove_task(converge)
         loss_sum, correct, count = all_reduce_sum([sums["loss_sum"], sums["correct"], sums["count"]], self.ctx)
         return {"loss": loss_sum / count, "train_accuracy": correct / count, "eps_train": eps_t,
                 "K_estimate": k_max, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -297,10 +300,10 @@ class Trainer:
         self.net.eval()
         uncertifiable = None
         if self.gloro is not None:
-            bound = self.gloro.lipschitz_bound()
+            bound = self.gloro.lipschitz_bound(progress=progress)
         else:  # a plain model: certify it if the compiler can bound it, else report clean accuracy
             try:
-                bound = bound_model(self.model, self.info.input_shape, estimate_steps=0)
+                bound = bound_model(self.model, self.info.input_shape, estimate_steps=0, progress=progress)
             except UnsupportedNodeError as exc:
                 bound, uncertifiable = None, str(exc)
         result = evaluate_certified(self.model, bound, self.test_set, self.recipe.eval_eps,

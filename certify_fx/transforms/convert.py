@@ -20,6 +20,7 @@ from torch import nn
 
 from ..bounds.compiler import linear_form
 from ..errors import UnsupportedNodeError
+from ..progress import ProgressLike
 from ..tracing import configured_input_shape, trace
 from .attention_to_spatial_mlp import attention_to_spatial_mlp
 from .fold_batchnorm import fold_batchnorm
@@ -86,6 +87,7 @@ def convert(
     bottleneck: str = "auto",
     rescale: bool = True,
     check: bool = True,
+    progress: ProgressLike | None = None,
 ) -> fx.GraphModule:
     """Rewrite ``model`` into a certifiable GraphModule (a normal, trainable ``nn.Module``).
 
@@ -106,6 +108,8 @@ def convert(
             constants by the factors before them), so the model starts with a sane bound;
             predictions are unchanged for positively homogeneous networks (see ``rescale_layers``).
         check: verify that :func:`certify_fx.bound` accepts the result (cheap, structural).
+        progress: a progress display (:func:`certify_fx.progress.progress_display`) to show one
+            step per pass on.
 
     Raises:
         ValueError: unknown target or options.
@@ -119,11 +123,17 @@ def convert(
     gm.eval()
     rewrite_log(gm)
     options = {"activation": activation, "max_pool": max_pool, "bottleneck": bottleneck}
-    for pass_fn in PIPELINES[to]:
+    passes = [*PIPELINES[to], *([rescale_layers] if rescale else [])]
+    task = progress.add_task(f"convert to {to}", total=len(passes) + check, info="") if progress else None
+    for pass_fn in passes:
+        if task is not None:
+            progress.update(task, info=pass_fn.__name__)
         kwargs = {arg: options[opt] for opt, arg in _PASS_OPTIONS.get(pass_fn, {}).items()}
         gm = pass_fn(gm, shape, **kwargs)
-    if rescale:
-        gm = rescale_layers(gm, shape)
+        if task is not None:
+            progress.advance(task)
+    if task is not None:
+        progress.update(task, info="check_supported")
     gm.input_shape = shape
     gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "bottleneck": bottleneck,
                      "rescale": rescale, "input_shape": list(shape)}
@@ -137,4 +147,6 @@ def convert(
                        "gate by a learned per-channel scale) or register a bound rule (docs/soundness.md)")
             raise UnsupportedNodeError(exc.node, exc.op, f"still not certifiable after converting to {to!r}: "
                                        f"{exc.reason}", fix) from None
+    if task is not None:
+        progress.remove_task(task)
     return gm
