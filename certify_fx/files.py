@@ -10,11 +10,12 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_text"]
+__all__ = ["atomic_torch_save", "atomic_write", "atomic_write_text"]
 
 
 @contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[str]:
+def atomic_write(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file name beside ``path``; renamed over ``path`` only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -32,13 +33,13 @@ def _atomic(path: str | os.PathLike) -> Iterator[str]:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         Path(tmp).write_text(text)
     return Path(path)

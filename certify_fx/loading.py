@@ -20,6 +20,7 @@ their recorded spec; a file whose model is Python code is rebuilt only with ``tr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,12 +29,12 @@ from torch import nn
 
 from .errors import CertifyFxError, CheckpointError
 from .model_spec import ModelSpec
-from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights, read_torch_file
+from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights
 
 if TYPE_CHECKING:
     from .train.recipe import Recipe
 
-__all__ = ["LoadedModel", "is_model_file", "load_model"]
+__all__ = ["LoadedModel", "export_model", "is_model_file", "load_model"]
 
 LoadedKind = Literal["checkpoint", "converted", "spec"]
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -89,17 +90,17 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
     """
     from .train.builders import build_model, model_spec, recipe_dataset_info
     from .train.recipe import recipe_from_dict
-    from .transforms.serialization import load_converted
+    from .transforms.serialization import load_converted, read_converted_payload
 
     if is_model_file(source):
         if kwargs or weights:
             raise CertifyFxError(f"{source} is a file with its own model and weights; model kwargs and weights "
                                  "apply to a model name or file.py:attr")
         path = Path(source)
-        if path.suffix == ".safetensors":
+        payload = read_converted_payload(path)
+        if path.suffix == ".safetensors" and payload.get("format") != CONVERTED_FORMAT:
             raise CertifyFxError(f"{path} holds only weights; name the model and give the file as its weights "
                                  f"(CLI: MODEL --weights {path})")
-        payload = read_torch_file(path)
         fmt = payload.get("format") if isinstance(payload, dict) else None
         if fmt == CHECKPOINT_FORMAT:
             recipe = recipe_from_dict(payload["recipe"])
@@ -125,3 +126,26 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
     if weights is not None:
         load_weights(model, weights)
     return LoadedModel(model.eval(), "spec", spec, configured_input_shape(model))
+
+
+def export_model(loaded: LoadedModel, path: str | Path) -> str:
+    """Write ``loaded``'s weights to ``path`` (``.safetensors`` or ``.pt``); returns what was written.
+
+    A converted model (from a checkpoint or a convert file) is written as a converted model, which
+    every command reads on its own; any other model as a plain ``state_dict``, to be given as
+    ``--weights`` with its model name.
+    """
+    from .files import atomic_torch_save
+    from .transforms.serialization import save_converted
+    from .weights import save_safetensors
+
+    if loaded.conversion is not None:
+        save_converted(loaded.model, path, loaded.spec)
+        return f"converted model ({loaded.name}); read it with: certify-fx bound {path}"
+    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+    if Path(path).suffix == ".safetensors":
+        save_safetensors(state, path, {"source": loaded.spec.to_dict()})
+    else:
+        atomic_torch_save(state, path)
+    kwargs = "".join(f" --kwarg {k}={json.dumps(v, separators=(',', ':'))}" for k, v in loaded.spec.kwargs.items())
+    return f"weights of {loaded.spec}; use them with: certify-fx bound {loaded.spec.target}{kwargs} --weights {path}"

@@ -9,6 +9,7 @@ training scripts save it) or a ``.safetensors`` file, loaded strictly.
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import zipfile
@@ -19,8 +20,13 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .files import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "CONVERTED_FORMAT", "load_weights", "read_state_dict", "read_torch_file"]
+#: The metadata key under which certify-fx keeps its (JSON) records in a .safetensors file.
+_SAFETENSORS_KEY = "certify_fx"
+
+__all__ = ["CHECKPOINT_FORMAT", "CONVERTED_FORMAT", "load_weights", "read_safetensors", "read_state_dict",
+           "read_torch_file", "save_safetensors"]
 
 CHECKPOINT_FORMAT = "certify-fx/checkpoint"
 CONVERTED_FORMAT = "certify-fx/converted"
@@ -60,15 +66,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights held by ``path``, whatever certify-fx or common training script wrote it."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise CheckpointError(f"no such file: {path}")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+        return read_safetensors(path)[0]
     payload = read_torch_file(path)
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         return payload["model"]
@@ -82,6 +80,38 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if payload and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
             return payload
     raise CheckpointError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, records: dict[str, Any] | None = None) -> Path:
+    """Write ``tensors`` (and JSON-able ``records`` as metadata) to a ``.safetensors`` file, atomically."""
+    from safetensors.torch import save_file
+
+    metadata = {_SAFETENSORS_KEY: json.dumps(records)} if records else None
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a ``.safetensors`` file and the certify-fx records in its metadata (``{}``
+    for a file another tool wrote)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    try:
+        records = json.loads(metadata[_SAFETENSORS_KEY]) if _SAFETENSORS_KEY in metadata else {}
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its certify-fx metadata is not valid JSON") from None
+    return tensors, records if isinstance(records, dict) else {}
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -26,6 +26,7 @@ examples:
   certify-fx bound liresnet_l12w64 --num-classes 10 --input-size 3,32,32
   certify-fx bound mypkg.models:build_model --json  a module path 'module:attribute'
   certify-fx bound ./net.py:Net                     a Python file and a callable in it
+  certify-fx export runs/fmnist/checkpoint.pt -o fm.safetensors   trained weights as safetensors
   certify-fx demo                                   bound and certify a small LiResNet
   certify-fx train recipes/fashion_mnist.yaml       train a LiResNet with EMMA on Fashion-MNIST
   certify-fx certify runs/fmnist/checkpoint.pt      clean accuracy and VRA of a trained checkpoint
@@ -143,6 +144,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a model's weights to a .safetensors (or .pt) file."""
+    from certify_fx.loading import export_model
+
+    what = export_model(load_from_args(args), args.output)
+    print(f"wrote {args.output}: {what}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Bound a small LiResNet, then certify a batch with it: the whole pipeline in seconds."""
     import torch
@@ -239,10 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--activation", choices=["minmax", "groupsort"], default="minmax")
     c.add_argument("--max-pool", choices=["keep", "conv"], default="keep",
                    help="overlapping max-pools: keep (bounded by sqrt of overlap) or replace by a strided conv")
-    c.add_argument("-o", "--output", default=None, help="save the converted model here (.pt)")
+    c.add_argument("-o", "--output", default=None,
+                   help="save the converted model here (.safetensors or .pt; read back without running code)")
     c.add_argument("--no-bound", action="store_true", help="skip computing the bound (it can take minutes)")
     c.add_argument("--estimate-steps", type=int, default=0, help="power-iteration steps for the estimate")
     c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser(
+        "export", help="write a model's weights to .safetensors (a trained checkpoint's, a converted model's)",
+        description=("Write the weights of MODEL to a file: a converted model (from a training checkpoint or "
+                     "`convert -o`) as a converted-model file that every command reads on its own, any other "
+                     "model as a state_dict to use with its name and --weights."),
+        epilog=("examples:\n  certify-fx export runs/fmnist/checkpoint.pt -o fmnist.safetensors\n"
+                "  certify-fx bound fmnist.safetensors                     (if the checkpoint's model was converted)\n"
+                "  certify-fx bound liresnet_l6w32 --num-classes 10 --in-chans 1 --kwarg img_size=28 "
+                "--weights fmnist.safetensors\n"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(e)
+    e.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write (.safetensors or .pt)")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="bound and certify a small LiResNet (the default main job)",
                        description=cmd_demo.__doc__)

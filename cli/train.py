@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     import certify_fx as cfx
     from certify_fx.data import dataset_info
+    from certify_fx.plots import plot_certified_accuracy, require_matplotlib
     from certify_fx.progress import progress_display
     from certify_fx.errors import RecipeError
     from certify_fx.train import Recipe, build_split, evaluate_certified
 
+    if args.plot:
+        require_matplotlib()  # before minutes of certification, not after
     loaded = load_from_args(args)
     model = loaded.model
     if loaded.recipe is not None:
@@ -131,7 +135,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
                "bound_seconds": bound_seconds, "count": result.count, "sound": bound.sound,
                "model": loaded.name, "data": data_name}
     if args.plot:
-        _plot(result, args.plot, eps, summary)
+        plot_certified_accuracy(result.radii, args.plot, eps, f"{summary['model']} on {summary['data']}")
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -150,31 +154,31 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(result, path: str, eps: list[float], summary: dict) -> None:
-    """Certified accuracy against radius (a step curve of the sorted certified radii)."""
-    import matplotlib
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List the training runs under a folder with their best VRA."""
+    from rich.console import Console
+    from rich.table import Table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
+    from certify_fx.train.runs import find_runs
 
-    radii = result.radii[torch.isfinite(result.radii)]
-    top = max(max(eps) * 2, float(radii.max()) if len(radii) else 0.0, 1e-3)
-    grid = torch.linspace(0, top, 400)
-    curve = [(result.radii > r).float().mean().item() for r in grid]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(grid.numpy(), curve, label="certified accuracy")
-    for e in eps:
-        ax.axvline(e, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("l2 radius")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{summary['model']} on {summary['data']}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    runs = find_runs(args.root)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in runs]))
+        return 0
+    console = Console() if sys.stdout.isatty() else Console(width=160, soft_wrap=True)
+    if not runs:
+        console.print(f"no runs under {args.root} (a run folder holds log.jsonl and recipe.yaml)")
+        return 0
+    table = Table(title=f"runs under {args.root}")
+    for col in ("run", "model", "data", "loss", "epochs", "best VRA", "at eps", "epoch", "clean", "checkpoint",
+                "modified"):
+        table.add_column(col, justify="right" if col in ("epochs", "best VRA", "at eps", "epoch", "clean") else "left")
+    fmt = lambda v, spec=".3f": "" if v is None else format(v, spec)  # noqa: E731
+    for r in sorted(runs, key=lambda r: -1 if r.best_vra is None else r.best_vra, reverse=True):
+        table.add_row(os.path.relpath(r.path, args.root), r.model, r.data, r.loss, f"{r.epochs_done}/{r.epochs}", fmt(r.best_vra), fmt(r.eps, ".4g"),
+                      fmt(r.best_epoch, "d"), fmt(r.clean_accuracy), "yes" if r.has_checkpoint else "no", r.modified)
+    console.print(table)
+    return 0
 
 
 def add_parsers(sub) -> None:
@@ -195,6 +199,16 @@ def add_parsers(sub) -> None:
     t.add_argument("--trust-source", action="store_true",
                    help="allow a recipe whose model.name is Python code (module:attr, file.py:attr) to import it")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("runs", help="list training runs under a folder with their best VRA",
+                       description=("Find every run folder (log.jsonl, recipe.yaml) under ROOT and print its model, "
+                                    "data, loss, progress and best verified robust accuracy at the recipe's eps "
+                                    "(best first). Reads no checkpoint, so it is instant."),
+                       epilog="examples:\n  certify-fx runs\n  certify-fx runs runs/ --json\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("root", nargs="?", default="runs", help="folder to search (default: runs)")
+    r.add_argument("--json", action="store_true", help="print a JSON list of runs")
+    r.set_defaults(func=cmd_runs)
 
     c = sub.add_parser(
         "certify", help="certify a trained checkpoint (or any model) on a test set (clean accuracy, VRA, bound)",

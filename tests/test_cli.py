@@ -155,3 +155,15 @@ def test_recipe_typos_fail_when_the_recipe_loads_in_one_line(tmp_path, override,
     proc = run("train", "recipes/smoke.yaml", "--set", override, "--set", f"output_dir={tmp_path}", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_plot_without_matplotlib_says_how_to_install_before_certifying(monkeypatch, capsys):
+    import importlib.util
+
+    from certify_fx_cli.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["certify", "liresnet_l4w32", "--data", "synthetic", "--plot", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'certify-fx[plot]'" in err

@@ -22,9 +22,9 @@ def test_the_shipped_recipes():
 
 
 def test_unknown_keys_name_the_key_and_the_allowed_ones():
-    with pytest.raises(RecipeError, match=r"unknown recipe key 'data.bach_size' in section 'data'; allowed: name, root"):
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'data.bach_size' in section 'data' \(did you mean 'batch_size'\?\); allowed: name, root"):
         recipe_from_dict({"data": {"bach_size": 3}})
-    with pytest.raises(RecipeError, match=r"unknown recipe key 'epoch' at the top level; allowed: seed, epochs"):
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'epoch' at the top level \(did you mean 'epochs'\?\); allowed: seed, epochs"):
         recipe_from_dict({"epoch": 3})
 
 

@@ -181,3 +181,18 @@ def test_summary_csv_has_one_row_per_epoch_with_vra_columns(uninterrupted):
     assert float(rows[-1]["vra@0.1"]) == history[-1]["vra"]["0.1"]
     assert float(rows[-1]["clean_accuracy"]) == history[-1]["clean_accuracy"]
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_runs_lists_each_run_with_its_best_vra(uninterrupted, tmp_path):
+    from certify_fx.train import find_runs
+
+    shutil.copytree(uninterrupted[0], tmp_path / "a" / "first")
+    history = uninterrupted[2]
+    runs = find_runs(tmp_path)
+    assert [Path(r.path).name for r in runs] == ["first"]
+    best = max(history, key=lambda m: m["vra"]["0.1"])
+    assert runs[0].best_vra == best["vra"]["0.1"] and runs[0].complete and runs[0].has_checkpoint
+    result = _cli("runs", tmp_path, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)[0]["best_vra"] == best["vra"]["0.1"]
+    table = _cli("runs", tmp_path)
+    assert "a/first" in table.stdout and f"{best['vra']['0.1']:.3f}" in table.stdout

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 __all__ = [
     "SAFETY",
@@ -110,8 +112,7 @@ def _space_to_depth_kernel(weight: torch.Tensor, stride: tuple[int, int]) -> tor
     qh, qw = math.ceil(kh / sh), math.ceil(kw / sw)
     padded = F.pad(weight, (0, qw * sw - kw, 0, qh * sh - kh))
     # kernel tap (q*s + r) reads phase r of input block q
-    padded = padded.reshape(o, c, qh, sh, qw, sw).permute(0, 1, 3, 5, 2, 4)
-    return padded.reshape(o, c * sh * sw, qh, qw)
+    return rearrange(padded, "o c (qh sh) (qw sw) -> o (c sh sw) qh qw", sh=sh, sw=sw)
 
 
 @torch.no_grad()

@@ -7,10 +7,19 @@ from typing import Sequence
 import torch
 from torchvision.transforms import v2
 
-__all__ = ["AUGMENTATIONS", "build_transform"]
+__all__ = ["AUGMENTATIONS", "ToUnitRange", "build_transform"]
 
 #: Recipe names of the augmentations (LiResNet App. B: crop, RandAugment, flip; Cutout on Tiny-ImageNet).
 AUGMENTATIONS = ("crop", "resized_crop", "flip", "randaugment", "cutout")
+
+
+class ToUnitRange(torch.nn.Module):
+    """uint8 pixels -> float32 in [0, 1] as ``x / 255``: bit for bit what ``ToTensor`` (and so
+    timm's eval pipeline) gives, where ``ToDtype(scale=True)`` multiplies by ``1 / 255`` and can
+    differ in the last bit, which would make radii differ between the two pipelines."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.to(torch.float32) / 255
 
 
 def build_transform(img_size: int, augment: Sequence[str] = (), crop_padding: int = 4,
@@ -38,7 +47,7 @@ def build_transform(img_size: int, augment: Sequence[str] = (), crop_padding: in
             steps.append(v2.RandomHorizontalFlip())
         elif name == "randaugment":
             steps.append(v2.RandAugment())
-    steps.append(v2.ToDtype(torch.float32, scale=True))
+    steps.append(ToUnitRange())
     if "cutout" in augment:
         steps.append(v2.RandomErasing(value=0))
     return v2.Compose(steps)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..nn import LLNLinear, MinMax, Normalize
+from ._classifier import TimmClassifier
 from ._registry import register_family
 
 __all__ = ["CONVNET_SPECS", "ConvNet"]
@@ -28,7 +29,7 @@ CONVNET_SPECS: dict[str, tuple[list[Conv], list[int]]] = {
 }
 
 
-class ConvNet(nn.Module):
+class ConvNet(TimmClassifier):
     """Convs and dense layers with MinMax between them, a (optionally LLN) linear classifier last.
 
     Args:
@@ -43,8 +44,6 @@ class ConvNet(nn.Module):
                  img_size: int = 32, lln: bool = False, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.pretrained_cfg = {"input_size": (in_chans, img_size, img_size), "num_classes": num_classes}
         self.normalize = Normalize(mean or [0.0] * in_chans, std or [1.0] * in_chans)
         layers: list[nn.Module] = []
         channels, size = in_chans, img_size
@@ -59,10 +58,11 @@ class ConvNet(nn.Module):
             layers += [nn.Linear(features, width), MinMax()]
             features = width
         self.features = nn.Sequential(*layers)
-        self.head = (LLNLinear if lln else nn.Linear)(features, num_classes)
+        self._init_classifier((LLNLinear if lln else nn.Linear)(features, num_classes), (in_chans, img_size, img_size),
+                              num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(self.normalize(x)))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(x))
 
 
 def _factory(spec: str):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..nn import LLNLinear, MinMax, Normalize, TokenMixing
+from ._classifier import TimmClassifier
 from ._registry import register_family
 
 __all__ = ["LiFFN", "LipschitzViT"]
@@ -49,7 +50,7 @@ class LipschitzBlock(nn.Module):
         return self.act2(self.ffn(x))
 
 
-class LipschitzViT(nn.Module):
+class LipschitzViT(TimmClassifier):
     """Patch embedding, ``depth`` Lipschitz blocks, mean over tokens, LLN head.
 
     Args:
@@ -69,20 +70,15 @@ class LipschitzViT(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         num_tokens = (img_size // patch_size) ** 2
-        self.num_classes = num_classes
-        self.pretrained_cfg = {"input_size": (in_chans, img_size, img_size), "num_classes": num_classes}
         self.normalize = Normalize(mean or [0.0] * in_chans, std or [1.0] * in_chans)
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         self.blocks = nn.Sequential(*(LipschitzBlock(num_tokens, embed_dim, mlp_ratio, depth) for _ in range(depth)))
-        self.head = LLNLinear(embed_dim, num_classes)
+        self._init_classifier(LLNLinear(embed_dim, num_classes), (in_chans, img_size, img_size), num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)  # (b, h*w, d); fx-traceable
         return self.blocks(tokens + self.pos_embed).mean(dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _factory(embed_dim: int, depth: int, patch_size: int):

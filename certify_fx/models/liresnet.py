@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..nn import LiResNetBlock, LLNLinear, MinMax, Normalize, ResNetBlock
+from ._classifier import TimmClassifier
 from ._registry import register_family
 
 __all__ = ["BLOCKS", "LiResNet", "STEMS"]
@@ -32,7 +33,7 @@ BLOCKS = {
 }
 
 
-class LiResNet(nn.Module):
+class LiResNet(TimmClassifier):
     """A GloRo-ready residual network whose every block is exactly bounded.
 
     Args:
@@ -67,8 +68,7 @@ class LiResNet(nn.Module):
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
         kernel, stride, padding = stem or STEMS.get(img_size, (3, 1, 1))
-        self.num_classes, self.depth, self.width = num_classes, depth, width
-        self.pretrained_cfg = {"input_size": (in_chans, img_size, img_size), "num_classes": num_classes}
+        self.depth, self.width = depth, width
         self.normalize = Normalize(mean or [0.0] * in_chans, std or [1.0] * in_chans)
         self.stem = nn.Sequential(nn.Conv2d(in_chans, width, kernel, stride, padding), MinMax())
         self.blocks = nn.Sequential(
@@ -82,13 +82,10 @@ class LiResNet(nn.Module):
             nn.Conv2d(width, 2 * width, 4, 4), MinMax(), nn.Flatten(),
             nn.Linear(2 * width * pooled * pooled, neck_dim), MinMax(),
         )
-        self.head = LLNLinear(neck_dim, num_classes)
+        self._init_classifier(LLNLinear(neck_dim, num_classes), (in_chans, img_size, img_size), num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.neck(self.blocks(self.stem(self.normalize(x))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 _FAMILIES = {"liresnet": "liresnet", "gloro_convnet": "conv", "gloro_resnet": "resnet"}

@@ -23,6 +23,7 @@ from .recipe import (
 from .schedules import eps_schedule, linear_ramp
 from .interrupt import TrainingInterrupted
 from .run_dir import RunDir
+from .runs import RunSummary, find_runs
 from .trainer import CHECKPOINT_NAME, LOG_NAME, Trainer, history_table, train
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "OptimConfig",
     "Recipe",
     "RunDir",
+    "RunSummary",
     "Trainer",
     "TrainingInterrupted",
     "apply_overrides",
@@ -45,6 +47,7 @@ __all__ = [
     "build_split",
     "eps_schedule",
     "evaluate_certified",
+    "find_runs",
     "history_table",
     "linear_ramp",
     "load_checkpoint",

@@ -10,6 +10,7 @@ function (and log it): ``replace_activations``, ``linearize_residual_branches``,
 
 from .attention_to_spatial_mlp import attention_to_spatial_mlp
 from .convert import PIPELINES, TARGETS, check_supported, convert
+from .converted_model import ConvertedModel
 from .fold_batchnorm import fold_batchnorm
 from .fold_linear_chains import fold_linear_chains
 from .fold_linear_residuals import fold_linear_residuals
@@ -24,6 +25,7 @@ from .serialization import load_converted, rebuild_converted, save_converted
 from .split_norm_act import split_norm_act
 
 __all__ = [
+    "ConvertedModel",
     "PIPELINES",
     "Rewrite",
     "TARGETS",

@@ -15,6 +15,7 @@ import copy
 
 import torch
 import torch.fx as fx
+from einops import rearrange
 from torch import nn
 
 from ..nn import TokenMixing
@@ -42,9 +43,9 @@ def _looks_like_attention(cls: type) -> bool:
 def mean_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The softmax attention map of a timm-style ``Attention`` on ``x`` (batch, tokens, dim),
     averaged over the batch and the heads: a (tokens, tokens) row-stochastic matrix."""
-    batch, tokens, dim = x.shape
+    dim = x.shape[-1]
     heads = int(getattr(module, "num_heads", 1))
-    q, k, _ = module.qkv(x).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    q, k, _ = rearrange(module.qkv(x), "b t (qkv h d) -> qkv b h t d", qkv=3, h=heads)
     q, k = getattr(module, "q_norm", nn.Identity())(q), getattr(module, "k_norm", nn.Identity())(k)
     scale = float(getattr(module, "scale", (dim // heads) ** -0.5))
     return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1).mean(dim=(0, 1))

@@ -23,6 +23,7 @@ from ..errors import UnsupportedNodeError
 from ..progress import ProgressLike
 from ..tracing import configured_input_shape, trace
 from .attention_to_spatial_mlp import attention_to_spatial_mlp
+from .converted_model import ConvertedModel
 from .fold_batchnorm import fold_batchnorm
 from .fold_linear_chains import fold_linear_chains
 from .fold_linear_residuals import fold_linear_residuals
@@ -88,11 +89,13 @@ def convert(
     rescale: bool = True,
     check: bool = True,
     progress: ProgressLike | None = None,
-) -> fx.GraphModule:
+) -> ConvertedModel:
     """Rewrite ``model`` into a certifiable GraphModule (a normal, trainable ``nn.Module``).
 
     The input model is not modified (the conversion works on a copy, in eval mode) and as many of
-    its weights as possible are kept. The result carries ``rewrite_log`` (list of
+    its weights as possible are kept. The result is a :class:`ConvertedModel` (timm's
+    ``num_classes``, ``pretrained_cfg`` for [0, 1] pixel inputs, ``get_classifier``,
+    ``reset_classifier``, ``forward_features``/``forward_head``) and carries ``rewrite_log`` (list of
     :class:`~certify_fx.transforms.Rewrite`), ``input_shape`` and ``conversion`` (the options).
 
     Args:
@@ -137,6 +140,7 @@ def convert(
     gm.input_shape = shape
     gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "bottleneck": bottleneck,
                      "rescale": rescale, "input_shape": list(shape)}
+    gm = ConvertedModel.from_graph_module(gm, shape)
     if check:
         try:
             check_supported(gm, shape)

@@ -20,7 +20,7 @@ import torch.fx as fx
 from ..errors import CertifyFxError
 from ..files import atomic_torch_save
 from ..model_spec import ModelSpec
-from ..weights import CONVERTED_FORMAT, read_torch_file
+from ..weights import CONVERTED_FORMAT, read_safetensors, read_torch_file, save_safetensors
 
 __all__ = ["save_converted", "load_converted", "rebuild_converted", "FORMAT"]
 
@@ -39,15 +39,18 @@ def save_converted(gm: fx.GraphModule, path: str | Path, source: ModelSpec | dic
     if conversion is None:
         raise CertifyFxError("save_converted expects a model returned by certify_fx.convert")
     spec = source if isinstance(source, ModelSpec) else ModelSpec.from_dict(source)
-    payload = {
+    records = {
         "format": FORMAT,
         "version": VERSION,
         "source": spec.to_dict(),
         "conversion": conversion,
         "rewrite_log": [r.to_dict() for r in getattr(gm, "rewrite_log", [])],
-        "state_dict": {k: v.detach().cpu() for k, v in gm.state_dict().items()},
     }
-    atomic_torch_save(payload, path)
+    state = {k: v.detach().cpu() for k, v in gm.state_dict().items()}
+    if Path(path).suffix == ".safetensors":  # the records go into the file's metadata
+        save_safetensors(state, path, records)
+    else:
+        atomic_torch_save({**records, "state_dict": state}, path)
 
 
 def rebuild_converted(spec: ModelSpec, conversion: dict[str, Any], trust_source: bool = False) -> fx.GraphModule:
@@ -61,10 +64,18 @@ def rebuild_converted(spec: ModelSpec, conversion: dict[str, Any], trust_source:
                    check=False, **options)
 
 
+def read_converted_payload(path: str | Path) -> Any:
+    """A converted model's records and ``state_dict`` from a ``.pt`` or ``.safetensors`` file."""
+    if Path(path).suffix == ".safetensors":
+        tensors, records = read_safetensors(path)
+        return {**records, "state_dict": tensors}
+    return read_torch_file(path)
+
+
 def load_converted(path: str | Path, trust_source: bool = False) -> fx.GraphModule:
     """Rebuild a converted model saved by :func:`save_converted` (no code from the file runs;
     a model converted from Python code is rebuilt only with ``trust_source=True``)."""
-    payload = read_torch_file(path)
+    payload = read_converted_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CertifyFxError(f"{path} is not a converted certify-fx model (no {FORMAT!r} header)")
     if payload.get("version") != VERSION:

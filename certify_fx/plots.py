@@ -1,0 +1,49 @@
+"""Certified-accuracy curves (needs the optional ``matplotlib``: ``pip install 'certify-fx[plot]'``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import CertifyFxError
+
+__all__ = ["plot_certified_accuracy", "require_matplotlib"]
+
+
+def require_matplotlib() -> None:
+    """Fail early, with the install command, when matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CertifyFxError("plotting needs matplotlib, an optional dependency: pip install 'certify-fx[plot]'")
+
+
+def plot_certified_accuracy(radii: torch.Tensor, path: str | Path, eps: Sequence[float] = (),
+                            title: str = "") -> Path:
+    """Draw certified accuracy against the l2 radius (the fraction of points whose certified radius
+    exceeds it; a wrong prediction counts as radius 0), with ``eps`` marked, to a PNG."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = radii[torch.isfinite(radii)]
+    top = max(max(eps, default=0.0) * 2, float(finite.max()) if len(finite) else 0.0, 1e-3)
+    grid = torch.linspace(0, top, 400)
+    curve = [(radii > r).float().mean().item() for r in grid]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(grid.numpy(), curve, label="certified accuracy")
+    for e in eps:
+        ax.axvline(e, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("l2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
