@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from .arguments import add_model_arguments, eps_list_argument, load_from_args
 

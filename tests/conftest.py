@@ -1,5 +1,21 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's scripts: certify-fx, torchrun
+#: One thread per process, so that runs compared bit for bit do the same arithmetic; wide logs.
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+
+
+def run_cli(*args, cwd=ROOT, **kw) -> subprocess.CompletedProcess:
+    """``certify-fx ARGS`` in a fresh process, as a user runs it."""
+    return subprocess.run([str(BIN / "certify-fx"), *map(str, args)], capture_output=True, text=True, env=CLI_ENV,
+                          cwd=cwd, **kw)
 
 
 @pytest.fixture(autouse=True)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,16 +18,10 @@ import certify_fx as cfx
 from certify_fx.errors import CertifyFxError, CheckpointError, RecipeError
 from certify_fx.train import load_checkpoint, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import BIN, CLI_ENV, ROOT, run_cli
+
 SMOKE_CONVERT = ROOT / "recipes" / "smoke_convert.yaml"
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
 TINY = {"layers": [1, 1, 1, 1], "channels": [8, 8, 16, 16], "stem_width": 8, "in_chans": 1, "num_classes": 4}
-
-
-def _cli(*args, cwd=ROOT, **kw):
-    return subprocess.run([str(BIN / "certify-fx"), *map(str, args)], capture_output=True, text=True, env=ENV,
-                          cwd=cwd, **kw)
 
 
 def _one_line_error(result) -> str:
@@ -66,13 +58,13 @@ def test_model_spec_parses_every_kind(tmp_path):
 
 def test_file_model_round_trips_through_convert_and_bound(tmp_path):
     (tmp_path / "net.py").write_text(NET_PY)
-    result = _cli("convert", "./net.py:Net", "--input-size", "4", "--to", "lipschitz", "-o", "n.pt", "--no-bound",
+    result = run_cli("convert", "./net.py:Net", "--input-size", "4", "--to", "lipschitz", "-o", "n.pt", "--no-bound",
                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    assert "--trust-source" in _one_line_error(_cli("bound", tmp_path / "n.pt", "--json", cwd=elsewhere))
-    result = _cli("bound", tmp_path / "n.pt", "--trust-source", "--json", cwd=elsewhere)
+    assert "--trust-source" in _one_line_error(run_cli("bound", tmp_path / "n.pt", "--json", cwd=elsewhere))
+    result = run_cli("bound", tmp_path / "n.pt", "--trust-source", "--json", cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["sound"] and data["input_shape"] == [4] and data["num_classes"] == 3
@@ -111,7 +103,7 @@ def test_convert_cli_takes_model_kwargs_and_source_weights(tmp_path):
     source = timm.create_model("resnet18", **TINY).eval()
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     kwargs = ["--kwarg", "layers=[1,1,1,1]", "--kwarg", "channels=[8,8,16,16]", "--kwarg", "stem_width=8"]
-    result = _cli("convert", "resnet18", "--in-chans", "1", "--num-classes", "4", *kwargs, "--input-size", "1,16,16",
+    result = run_cli("convert", "resnet18", "--in-chans", "1", "--num-classes", "4", *kwargs, "--input-size", "1,16,16",
                   "--weights", tmp_path / "w.safetensors", "-o", tmp_path / "c.pt", "--no-bound")
     assert result.returncode == 0, result.stderr
     rebuilt = cfx.load_model(tmp_path / "c.pt").model
@@ -225,7 +217,7 @@ def converted_run(tmp_path_factory):
     torch.manual_seed(1)
     source = timm.create_model("resnet18", **TINY)
     save_file(source.state_dict(), str(out / "source.safetensors"))
-    result = _cli("train", SMOKE_CONVERT, "--set", f"output_dir={out / 'run'}",
+    result = run_cli("train", SMOKE_CONVERT, "--set", f"output_dir={out / 'run'}",
                   "--set", f"model.checkpoint={out / 'source.safetensors'}")
     assert result.returncode == 0, result.stderr
     return out
@@ -236,7 +228,7 @@ def test_converted_recipe_trains_in_two_gloo_processes_like_one(converted_run, t
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "certify_fx", "train",
            str(SMOKE_CONVERT), "--set", f"output_dir={out}",
            "--set", f"model.checkpoint={converted_run / 'source.safetensors'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=CLI_ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     one = load_checkpoint(converted_run / "run" / "checkpoint.pt")["model"]
     two = load_checkpoint(out / "checkpoint.pt")["model"]
@@ -248,7 +240,7 @@ def test_converted_recipe_resumes_after_a_kill_and_certifies_from_a_fresh_proces
     source = converted_run / "source.safetensors"
     proc = subprocess.Popen([str(BIN / "certify-fx"), "train", str(SMOKE_CONVERT), "--set", f"output_dir={out}",
                              "--set", f"model.checkpoint={source}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CLI_ENV, cwd=ROOT)
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -259,7 +251,7 @@ def test_converted_recipe_resumes_after_a_kill_and_certifies_from_a_fresh_proces
     assert killed_at < load_recipe(SMOKE_CONVERT).epochs, "the run finished before it could be killed"
     source.rename(source.with_suffix(".moved"))  # resuming needs only the run's own checkpoint
     try:
-        result = _cli("train", "--resume", out / "checkpoint.pt")
+        result = run_cli("train", "--resume", out / "checkpoint.pt")
     finally:
         source.with_suffix(".moved").rename(source)
     assert result.returncode == 0, result.stderr
@@ -267,7 +259,7 @@ def test_converted_recipe_resumes_after_a_kill_and_certifies_from_a_fresh_proces
     b = load_checkpoint(converted_run / "run" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    result = _cli("certify", out / "checkpoint.pt", "--json")
+    result = run_cli("certify", out / "checkpoint.pt", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     history = load_checkpoint(out / "checkpoint.pt")["history"]
@@ -280,7 +272,7 @@ def test_converted_recipe_resumes_after_a_kill_and_certifies_from_a_fresh_proces
 
 def test_bad_source_weights_are_one_clear_line(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "bad.pt")
-    result = _cli("train", SMOKE_CONVERT, "--set", f"output_dir={tmp_path / 'run'}",
+    result = run_cli("train", SMOKE_CONVERT, "--set", f"output_dir={tmp_path / 'run'}",
                   "--set", f"model.checkpoint={tmp_path / 'bad.pt'}")
     assert "do not fit" in _one_line_error(result) and "missing" in result.stderr
 

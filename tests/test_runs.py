@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,15 +15,9 @@ import torch
 from certify_fx.errors import RecipeError
 from certify_fx.train import Trainer, TrainingInterrupted, load_checkpoint, load_recipe
 
-ROOT = Path(__file__).parent.parent
+from conftest import BIN, CLI_ENV, ROOT, run_cli
+
 SMOKE = ROOT / "recipes" / "smoke.yaml"
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-
-
-def _cli(*args, **kw):
-    return subprocess.run([str(BIN / "certify-fx"), *map(str, args)], capture_output=True, text=True, env=ENV,
-                          cwd=ROOT, **kw)
 
 
 def _recipe(out, *overrides):
@@ -100,12 +93,12 @@ def test_checkpoint_every_steps_bounds_the_work_a_crash_loses(uninterrupted, tmp
 def test_sigint_to_the_cli_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     augment = ("--set", "data.augment=[crop, flip]")
     reference = tmp_path / "reference"  # the same thread count as the interrupted one: bit-identical
-    assert _cli("train", SMOKE, "--set", f"output_dir={reference}", *augment).returncode == 0
+    assert run_cli("train", SMOKE, "--set", f"output_dir={reference}", *augment).returncode == 0
     weights = load_checkpoint(reference / "checkpoint.pt")["model"]
     out = tmp_path / "run"
     cmd = [str(BIN / "certify-fx"), "train", str(SMOKE), "--set", f"output_dir={out}", *augment, "--set",
            "checkpoint_every_steps=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV, cwd=ROOT)
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -118,7 +111,7 @@ def test_sigint_to_the_cli_mid_epoch_then_resume_matches_the_uninterrupted_run(t
     assert load_checkpoint(out / "checkpoint.pt")["step"] == step  # the step in flight was kept
     assert f"certify-fx train --resume {out / 'checkpoint.pt'}" in stdout
 
-    result = _cli("train", "--resume", out / "checkpoint.pt")
+    result = run_cli("train", "--resume", out / "checkpoint.pt")
     assert result.returncode == 0, result.stderr
     assert f"(step {step})" in result.stdout  # resumed from the very step it stopped at
     assert _same_weights(load_checkpoint(out / "checkpoint.pt")["model"], weights)
@@ -130,17 +123,17 @@ def test_sigint_to_the_cli_mid_epoch_then_resume_matches_the_uninterrupted_run(t
 def test_training_twice_into_one_folder_never_loses_the_first_run(uninterrupted, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted[0], out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = _cli("train", SMOKE, "--set", f"output_dir={out}")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = run_cli("train", SMOKE, "--set", f"output_dir={out}")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
     assert "already holds a run" in result.stderr and "--resume" in result.stderr and "--overwrite" in result.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(RecipeError, match="already holds a run"):
         Trainer(load_recipe(SMOKE, [f"output_dir={out}"]))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
     (out / "notes.txt").write_text("mine")
-    result = _cli("train", SMOKE, "--set", f"output_dir={out}", "--set", "epochs=1", "--overwrite")
+    result = run_cli("train", SMOKE, "--set", f"output_dir={out}", "--set", "epochs=1", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1 and len((out / "log.jsonl").read_text().splitlines()) == 1
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only the run's own files
@@ -151,14 +144,14 @@ def test_resume_writes_where_the_checkpoint_is_and_a_finished_run_says_so(uninte
     shutil.copytree(uninterrupted[0], moved)
     os.chdir(tmp_path)  # a relative recorded output_dir must not matter either
     try:
-        result = _cli("train", "--resume", moved / "checkpoint.pt", "--set", "epochs=4")
+        result = run_cli("train", "--resume", moved / "checkpoint.pt", "--set", "epochs=4")
         assert result.returncode == 0, result.stderr
         assert load_checkpoint(moved / "checkpoint.pt")["epoch"] == 4
         assert len((moved / "log.jsonl").read_text().splitlines()) == 4
         assert load_recipe(moved / "recipe.yaml").output_dir == str(moved)
         assert len(list(uninterrupted[0].glob("*.pt"))) == 1  # the original folder was not written to
         assert load_checkpoint(uninterrupted[0] / "checkpoint.pt")["epoch"] == 3
-        again = _cli("train", "--resume", moved / "checkpoint.pt")
+        again = run_cli("train", "--resume", moved / "checkpoint.pt")
         assert again.returncode == 0 and "is complete (4/4 epochs)" in again.stdout
     finally:
         os.chdir(ROOT)
@@ -192,7 +185,20 @@ def test_runs_lists_each_run_with_its_best_vra(uninterrupted, tmp_path):
     assert [Path(r.path).name for r in runs] == ["first"]
     best = max(history, key=lambda m: m["vra"]["0.1"])
     assert runs[0].best_vra == best["vra"]["0.1"] and runs[0].complete and runs[0].has_checkpoint
-    result = _cli("runs", tmp_path, "--json")
+    result = run_cli("runs", tmp_path, "--json")
     assert result.returncode == 0 and json.loads(result.stdout)[0]["best_vra"] == best["vra"]["0.1"]
-    table = _cli("runs", tmp_path)
+    table = run_cli("runs", tmp_path)
     assert "a/first" in table.stdout and f"{best['vra']['0.1']:.3f}" in table.stdout
+
+
+def test_tensorboard_scalars_when_tensorboard_is_installed(uninterrupted):
+    pytest.importorskip("tensorboard")  # an optional dependency; the test extra installs it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, history = uninterrupted
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    vra = events.Scalars("vra/0.1")
+    assert [e.step for e in vra] == [m["epoch"] for m in history]
+    assert [e.value for e in vra] == pytest.approx([m["vra"]["0.1"] for m in history])
+    assert "clean_accuracy" in events.Tags()["scalars"] and "loss" in events.Tags()["scalars"]

@@ -1,10 +1,8 @@
 """The trainer: 1 vs 2 processes (torchrun, gloo), kill + resume, checkpoints, CLI errors."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,15 +12,9 @@ import torch
 from certify_fx.errors import CheckpointError, RecipeError
 from certify_fx.train import Trainer, load_checkpoint, load_recipe, save_checkpoint, train
 
-ROOT = Path(__file__).parent.parent
+from conftest import BIN, CLI_ENV, ROOT, run_cli
+
 SMOKE = ROOT / "recipes" / "smoke.yaml"
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-
-
-def _cli(*args, **kw):
-    return subprocess.run([str(BIN / "certify-fx"), *map(str, args)], capture_output=True, text=True, env=ENV,
-                          cwd=ROOT, **kw)
 
 
 def _weights(path):
@@ -37,7 +29,7 @@ def _max_diff(a, b):
 def single_run(tmp_path_factory):
     """The smoke recipe, uninterrupted, in one process."""
     out = tmp_path_factory.mktemp("single")
-    result = _cli("train", SMOKE, "--set", f"output_dir={out}")
+    result = run_cli("train", SMOKE, "--set", f"output_dir={out}")
     assert result.returncode == 0, result.stderr
     return out
 
@@ -61,9 +53,10 @@ def test_two_gloo_processes_match_one(single_run, tmp_path):
     out = tmp_path / "ddp"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "certify_fx", "train",
            str(SMOKE), "--set", f"output_dir={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=CLI_ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "recipe.yaml", "summary.csv"]
+    files = sorted(p.name for p in out.iterdir() if p.name != "tensorboard")  # only rank 0 writes
+    assert files == ["checkpoint.pt", "log.jsonl", "recipe.yaml", "summary.csv"]
     assert result.stdout.count("certify-fx train:") == 1  # only rank 0 prints
     assert _max_diff(_weights(out / "checkpoint.pt"), _weights(single_run / "checkpoint.pt")) < 1e-4
     one = [json.loads(x) for x in (single_run / "log.jsonl").read_text().splitlines()]
@@ -77,7 +70,7 @@ def test_two_gloo_processes_match_one(single_run, tmp_path):
 def test_kill_mid_epoch_then_resume_matches_the_uninterrupted_run(single_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([str(BIN / "certify-fx"), "train", str(SMOKE), "--set", f"output_dir={out}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CLI_ENV, cwd=ROOT)
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -88,7 +81,7 @@ def test_kill_mid_epoch_then_resume_matches_the_uninterrupted_run(single_run, tm
     assert killed_at < load_recipe(SMOKE).epochs, "the run finished before it could be killed"
     assert len((out / "log.jsonl").read_text().splitlines()) == killed_at
 
-    result = _cli("train", SMOKE, "--set", f"output_dir={out}", "--resume", out / "checkpoint.pt")
+    result = run_cli("train", SMOKE, "--set", f"output_dir={out}", "--resume", out / "checkpoint.pt")
     assert result.returncode == 0, result.stderr
     assert f"resumed after epoch {killed_at}" in result.stdout
     assert _max_diff(_weights(out / "checkpoint.pt"), _weights(single_run / "checkpoint.pt")) == 0.0
@@ -100,7 +93,7 @@ def test_kill_mid_epoch_then_resume_matches_the_uninterrupted_run(single_run, tm
 
 
 def test_resume_without_the_recipe_uses_the_checkpoints(single_run, tmp_path):
-    result = _cli("train", "--resume", single_run / "checkpoint.pt", "--set", f"output_dir={tmp_path}",
+    result = run_cli("train", "--resume", single_run / "checkpoint.pt", "--set", f"output_dir={tmp_path}",
                   "--set", "epochs=4")
     assert result.returncode == 0, result.stderr
     assert "resumed after epoch 3" in result.stdout and load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 4
@@ -111,7 +104,7 @@ def test_corrupt_checkpoint_is_one_clear_line(single_run, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes((single_run / "checkpoint.pt").read_bytes()[:5000])
     for args in (("certify", bad), ("train", SMOKE, "--resume", bad)):
-        result = _cli(*args)
+        result = run_cli(*args)
         assert result.returncode == 2
         assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
         assert f"{bad} is not a readable torch file" in result.stderr
@@ -124,10 +117,10 @@ def test_corrupt_checkpoint_is_one_clear_line(single_run, tmp_path):
 def test_malformed_recipe_and_missing_dataset_are_one_clear_line(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("epochs: 2\noptim: {lr: 1e-3, warmup: 3}\n")
-    result = _cli("train", bad, "--set", f"output_dir={tmp_path / 'out'}")
+    result = run_cli("train", bad, "--set", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "unknown recipe key 'optim.warmup'" in result.stderr and "warmup_epochs" in result.stderr
-    result = _cli("train", SMOKE, "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
+    result = run_cli("train", SMOKE, "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
                   "--set", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert str(tmp_path / "cifar-10-batches-py") in result.stderr
@@ -170,7 +163,7 @@ def test_attacks_never_flip_what_the_trained_model_certifies(single_run):
 
 def test_certify_cli_json_and_plot(single_run, tmp_path):
     plot = tmp_path / "curve.png"
-    result = _cli("certify", single_run / "checkpoint.pt", "--json", "--eps", "0.05,0.1", "--plot", plot)
+    result = run_cli("certify", single_run / "checkpoint.pt", "--json", "--eps", "0.05,0.1", "--plot", plot)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert {"clean_accuracy", "vra", "bound", "seconds"} <= set(summary)
@@ -178,7 +171,7 @@ def test_certify_cli_json_and_plot(single_run, tmp_path):
     final = json.loads((single_run / "log.jsonl").read_text().splitlines()[-1])
     assert summary["clean_accuracy"] == final["clean_accuracy"] and summary["vra"]["0.1"] == final["vra"]["0.1"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    table = _cli("certify", single_run / "checkpoint.pt")
+    table = run_cli("certify", single_run / "checkpoint.pt")
     assert "VRA @ eps=0.1" in table.stdout and "clean accuracy" in table.stdout
 
 
@@ -200,7 +193,7 @@ def test_trades_lambda_schedule_and_cll_train_in_process(tmp_path):
 def test_bad_optimizer_and_mismatched_certify_data_are_clear_errors(single_run, tmp_path):
     with pytest.raises(RecipeError, match="recipe key 'optim.opt': cannot create optimizer 'adamm'"):
         Trainer(load_recipe(SMOKE, [f"output_dir={tmp_path}", "optim.opt=adamm"]))
-    result = _cli("certify", single_run / "checkpoint.pt", "--data", "cifar10")
+    result = run_cli("certify", single_run / "checkpoint.pt", "--data", "cifar10")
     assert result.returncode == 2 and "--data cifar10 has inputs (3, 32, 32)" in result.stderr
 
 
