@@ -135,3 +135,18 @@ def test_gloro_keeps_power_iteration_state_in_its_state_dict():
     # model parameters are stored once, not again through the compiler's traced copy
     assert sum(k.startswith("model.") for k in gloro.state_dict()) == len(model.state_dict())
     assert len(gloro.state_dict()) == len(model.state_dict()) + len(iterates)
+
+
+def test_training_margin_has_finite_gradients_even_where_distances_are_zero():
+    # sqrt'(0) is infinite: the diagonal and equal class rows must not turn into NaN gradients
+    # (torch 2.13's clamp_min passes the gradient at exactly 0 and training diverged; 2.14 masks it)
+    model = small_net()
+    with torch.no_grad():
+        model[-1].weight[1] = model[-1].weight[0]
+        model[-1].bias[1] = model[-1].bias[0]
+    gloro = cfx.GloRo(model, eps=0.1, input_shape=(1, 8, 8)).train()
+    margin = gloro.compiler.estimate(steps=1)
+    assert margin[0, 1] == 0
+    margin.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

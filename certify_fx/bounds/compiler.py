@@ -515,10 +515,17 @@ def _check_input_shape(input_shape: Any) -> Shape:
 
 
 def _pairwise_distances(rows: torch.Tensor) -> torch.Tensor:
-    """``||r_i - r_j||`` for all pairs via the Gram matrix (no per-class loops)."""
+    """``||r_i - r_j||`` for all pairs via the Gram matrix (no per-class loops).
+
+    Differentiable everywhere: where a squared distance is 0 (the diagonal, equal rows) the square
+    root's derivative is infinite, and ``inf * 0`` would be a NaN gradient; those entries take the
+    root of 1 instead and are then set to 0.
+    """
     gram = rows @ rows.T
     sq = gram.diagonal()
-    return (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).sqrt()
+    squared = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), 0.0)
 
 
 class BoundCompiler(nn.Module):
