@@ -519,13 +519,13 @@ def _pairwise_distances(rows: torch.Tensor) -> torch.Tensor:
 
     Differentiable everywhere: where a squared distance is 0 (the diagonal, equal rows) the square
     root's derivative is infinite, and ``inf * 0`` would be a NaN gradient; those entries take the
-    root of 1 instead and are then set to 0.
+    root of 1 instead and are then set to 0. NaN stays NaN (an unproven bound, never a radius).
     """
     gram = rows @ rows.T
     sq = gram.diagonal()
     squared = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
-    positive = squared > 0
-    return torch.where(positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), 0.0)
+    zero = squared == 0
+    return torch.where(zero, 0.0, torch.where(zero, torch.ones_like(squared), squared).sqrt())
 
 
 class BoundCompiler(nn.Module):
