@@ -202,3 +202,29 @@ def test_tensorboard_scalars_when_tensorboard_is_installed(uninterrupted):
     assert [e.step for e in vra] == [m["epoch"] for m in history]
     assert [e.value for e in vra] == pytest.approx([m["vra"]["0.1"] for m in history])
     assert "clean_accuracy" in events.Tags()["scalars"] and "loss" in events.Tags()["scalars"]
+
+
+def test_ctrl_c_to_torchrun_stops_both_processes_at_one_step_and_resumes_exactly(tmp_path):
+    def torchrun(*args):
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "certify_fx", "train", *args]
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(torchrun(str(SMOKE), "--set", f"output_dir={reference}"), capture_output=True, text=True,
+                          env=CLI_ENV, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(str(SMOKE), "--set", f"output_dir={out}", "--set", "checkpoint_every_steps=1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV, cwd=ROOT)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to both workers
+    stdout, _ = proc.communicate(timeout=300)
+    assert stdout.count("stopped by SIGINT after step") == 1  # rank 0 reports, once
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert len(state["processes"]) == 2  # both processes' random state and progress
+    done = subprocess.run(torchrun("--resume", str(out / "checkpoint.pt")), capture_output=True, text=True,
+                          env=CLI_ENV, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"(step {state['step']})" in done.stdout
+    assert _same_weights(load_checkpoint(out / "checkpoint.pt")["model"], load_checkpoint(reference / "checkpoint.pt")["model"])
