@@ -83,6 +83,14 @@ def _(r):
     return (lambda x, m: F.hardtanh(x, lo, hi)), _id()
 
 
+@op("householder", "activations.householder_module")
+def _(r):
+    layer = cnn.HouseHolder(4)
+    with torch.no_grad():
+        layer.theta.copy_(_randn(r, 2) * 3)
+    return (lambda x, m: m(x)), layer
+
+
 @op("one_lipschitz", "activations.one_lipschitz")
 def _(r):
     fn = r.choice([torch.tanh, F.tanh, torch.abs, F.softsign, F.logsigmoid])
@@ -384,6 +392,20 @@ def _(r):
     block = cnn.LinearBottleneck([nn.Conv2d(4, hidden, 1), nn.Conv2d(hidden, hidden, middle[0], padding=middle[1]),
                                   nn.Conv2d(hidden, 4, 1)])
     return (lambda x, m: m(x)), block
+
+
+@op("soc", "orthogonal.soc_module")
+def _(r):
+    stride, out = r.choice([(1, 4), (1, 2), (2, 4), (2, 16)])
+    layer = cnn.SOC(4, out, 3, stride=stride, train_terms=r.choice([1, 2, 4]), eval_terms=r.choice([1, 3, 6]),
+                    max_norm=r.uniform(0.3, 1.5))
+    with torch.no_grad():
+        layer.weight.copy_(_randn(r, *layer.weight.shape) * r.uniform(0.1, 10))
+        layer.bias.copy_(_randn(r, out))
+    # back to 4 channels at the input's size, so the draw composes with the others
+    restore = nn.Upsample(scale_factor=stride) if stride > 1 else nn.Identity()
+    mix = nn.Conv2d(out, 4, 1)
+    return (lambda x, m: m[2](m[1](m[0](x)))), nn.Sequential(layer, mix, restore)
 
 
 # -- normalisation -----------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""Lipschitz layers: activations, per-channel affine, LiResNet block, token mixing and the LLN head."""
+"""Lipschitz layers: activations, per-channel affine, LiResNet block, skew-orthogonal convolution,
+token mixing and the LLN head."""
 
-from .activations import GroupSort, MinMax
+from .activations import GroupSort, HouseHolder, MinMax
 from .affine import Affine
 from .linear_bottleneck import LinearBottleneck
 from .liresnet_block import LiResNetBlock
 from .lln import LLNLinear
 from .normalize import Normalize
 from .resnet_block import ResNetBlock
+from .soc import SOC
 from .token_mixing import TokenMixing
 
-__all__ = ["Affine", "GroupSort", "LLNLinear", "LiResNetBlock", "LinearBottleneck", "MinMax", "Normalize", "ResNetBlock", "TokenMixing"]
+__all__ = ["Affine", "GroupSort", "HouseHolder", "LLNLinear", "LiResNetBlock", "LinearBottleneck", "MinMax", "Normalize",
+           "ResNetBlock", "SOC", "TokenMixing"]

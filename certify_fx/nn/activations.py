@@ -1,11 +1,14 @@
-"""Gradient-norm-preserving, 1-Lipschitz activations: GroupSort and its pairwise case MinMax."""
+"""Gradient-norm-preserving, 1-Lipschitz activations: GroupSort, its pairwise case MinMax, and the
+HouseHolder activation that generalises MinMax (Singla et al., 2022)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-__all__ = ["GroupSort", "MinMax"]
+__all__ = ["GroupSort", "HouseHolder", "MinMax"]
 
 
 def _check_divisible(x: torch.Tensor, dim: int, group_size: int, name: str) -> int:
@@ -55,3 +58,33 @@ class MinMax(GroupSort):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+class HouseHolder(nn.Module):
+    """Each channel pair ``z = (a, b)`` is kept if ``v . z > 0``, else reflected: ``z - 2 (v . z) v``.
+
+    ``v = (cos theta, sin theta)`` is a learned unit vector per pair. Both pieces are isometries and
+    they agree on the hyperplane ``v . z = 0`` (the reflection fixes it), so the map is continuous,
+    piecewise isometric and hence 1-Lipschitz. The initial ``theta = 3 pi / 4`` is MinMax:
+    ``v ~ (-1, 1)`` reflects (swaps) exactly the pairs with ``a > b``.
+    """
+
+    def __init__(self, channels: int, dim: int = 1) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"HouseHolder acts on channel pairs; {channels} channels is odd")
+        self.dim = dim
+        self.theta = nn.Parameter(torch.full((channels // 2,), 3 * math.pi / 4))  # MinMax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.dim % x.dim()
+        size = _check_divisible(x, dim, 2, "HouseHolder")
+        a, b = x.unflatten(dim, (size // 2, 2)).unbind(dim + 1)
+        shape = [1] * a.dim()
+        shape[dim] = -1
+        c, s = self.theta.cos().view(shape), self.theta.sin().view(shape)
+        dot = (a * c + b * s).clamp_max(0)  # reflect only where v . z <= 0
+        return torch.stack((a - 2 * dot * c, b - 2 * dot * s), dim + 1).flatten(dim, dim + 1)
+
+    def extra_repr(self) -> str:
+        return f"channels={2 * self.theta.numel()}, dim={self.dim}"

@@ -284,3 +284,10 @@ def group_sort_module(ev, module, input):
     # sorting within disjoint groups permutes each group: 1-Lipschitz
     feature_dim(ev, module.dim, len(input.shape) + 1, type(module).__name__)
     return ev.nonlinear(input, 1.0)
+
+
+@register_module_rule(cnn.HouseHolder)
+def householder_module(ev, module, input):
+    # identity or a reflection per channel pair, agreeing on the mirror: 1-Lipschitz
+    feature_dim(ev, module.dim, len(input.shape) + 1, type(module).__name__)
+    return ev.nonlinear(input, 1.0)

@@ -1,0 +1,98 @@
+"""SOC and HouseHolder: proven constants against exact norms of materialised operators and attacks."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import certify_fx as cfx
+from certify_fx.nn import SOC, HouseHolder, MinMax
+from certify_fx.nn.soc import truncated_exp_norm_bound
+
+
+def _soc(channels_in, channels_out, terms, stride=1, scale=10.0, seed=0):
+    torch.manual_seed(seed)
+    layer = SOC(channels_in, channels_out, 3, stride=stride, train_terms=terms, eval_terms=terms, max_norm=1.5)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        layer.bias.normal_()
+    return layer.double().eval()
+
+
+def _exact_norm(layer, shape):
+    """Spectral norm of the layer's (affine) map, materialised in float64."""
+    flat = math.prod(shape)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v.view(1, *shape)).flatten(),
+                                             torch.zeros(flat, dtype=torch.float64))
+    return torch.linalg.matrix_norm(jac, 2).item()
+
+
+def _bound_of(layer, shape):
+    net = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(3)).double().eval()
+    net(torch.zeros(1, *shape, dtype=torch.float64))
+    rows = [r for r in cfx.bound(net, shape, estimate_steps=0).nodes if r.op.startswith("SOC")]
+    assert len(rows) == 1 and rows[0].sound
+    return rows[0].factor
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soc_bound_is_at_or_above_the_exact_norm_and_within_one_percent(terms, seed):
+    layer, shape = _soc(4, 4, terms, seed=seed), (4, 6, 6)
+    exact, bound = _exact_norm(layer, shape), _bound_of(layer, shape)
+    assert exact <= bound <= 1.01 * exact, (exact, bound)
+
+
+@pytest.mark.parametrize("channels_in, channels_out, stride", [(2, 6, 1), (6, 2, 1), (2, 8, 2)])
+def test_soc_channel_expansion_projection_and_stride_stay_sound(channels_in, channels_out, stride):
+    layer, shape = _soc(channels_in, channels_out, terms=3, stride=stride), (channels_in, 8, 8)
+    exact, bound = _exact_norm(layer, shape), _bound_of(layer, shape)
+    assert exact <= bound <= 1.01 * max(exact, 1.0)
+
+
+def test_more_terms_bring_the_bound_to_one():
+    layer, shape = _soc(4, 4, terms=2), (4, 6, 6)
+    bounds = []
+    for terms in (2, 4, 8, 16):
+        layer.eval_terms = terms
+        bounds.append(_bound_of(layer, shape))
+    assert bounds[0] > bounds[-1] and bounds[-1] == pytest.approx(1.0, abs=1e-5) and min(bounds) >= 1.0
+
+
+def test_the_truncation_bound_is_never_below_the_polynomial_on_the_interval():
+    for radius in (0.1, 0.7, 1.4, 3.0):
+        for terms in range(1, 10):
+            t = torch.linspace(0, radius, 20001, dtype=torch.float64)
+            p = sum((1j * t) ** k / math.factorial(k) for k in range(terms + 1))
+            assert truncated_exp_norm_bound(radius, terms) >= p.abs().max().item()
+    assert truncated_exp_norm_bound(math.nan, 3) == math.inf
+
+
+def test_training_uses_fewer_terms_and_the_bound_follows_the_mode():
+    layer = SOC(4, 4, train_terms=2, eval_terms=10)
+    assert layer.train().terms == 2 and layer.eval().terms == 10
+
+
+def test_householder_is_minmax_at_initialisation_and_one_lipschitz_when_learned():
+    x = torch.randn(64, 8, 3, 3)
+    assert torch.allclose(HouseHolder(8)(x), MinMax()(x), atol=1e-6)  # up to rounding of cos, sin
+    hh = HouseHolder(8)
+    with torch.no_grad():
+        hh.theta.uniform_(-math.pi, math.pi)
+    y = torch.randn_like(x)
+    slopes = (hh(x) - hh(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert slopes.max() <= 1 + 1e-6
+    # gradient ascent on the secant slope ||f(a) - f(b)|| / ||a - b|| never finds one above 1
+    a = torch.randn(16, 8, 3, 3, requires_grad=True)
+    b = (a.detach() + 0.3 * torch.randn_like(a)).requires_grad_()
+    optimizer = torch.optim.Adam([a, b], lr=0.05)
+    for _ in range(100):
+        slope = (hh(a) - hh(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+        assert slope.max() <= 1 + 1e-5
+        optimizer.zero_grad()
+        (-slope.sum()).backward()
+        optimizer.step()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), hh, nn.Flatten(), nn.Linear(8 * 9, 4)).eval()
+    rows = [r for r in cfx.bound(net, (3, 3, 3), estimate_steps=0).nodes if r.kind == "activation"]
+    assert [r.factor for r in rows] == [1.0]
