@@ -394,6 +394,14 @@ def _(r):
     return (lambda x, m: m(x)), block
 
 
+@op("projection_pool", "orthogonal.projection_pool_module")
+def _(r):
+    pool = cnn.ProjectionPool2d(4)
+    with torch.no_grad():
+        pool.angle.copy_(_randn(r, 2) * 2)
+    return (lambda x, m: m[1](m[0](x))), nn.Sequential(pool, nn.Conv2d(2, 4, 1))
+
+
 @op("soc", "orthogonal.soc_module")
 def _(r):
     stride, out = r.choice([(1, 4), (1, 2), (2, 4), (2, 16)])

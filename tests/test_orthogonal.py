@@ -96,3 +96,53 @@ def test_householder_is_minmax_at_initialisation_and_one_lipschitz_when_learned(
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), hh, nn.Flatten(), nn.Linear(8 * 9, 4)).eval()
     rows = [r for r in cfx.bound(net, (3, 3, 3), estimate_steps=0).nodes if r.kind == "activation"]
     assert [r.factor for r in rows] == [1.0]
+
+
+def _signed_distance_to_rays(points, theta):
+    """Brute force: distance to the two rays at +-theta, negative inside the wedge."""
+    def to_ray(angle):
+        u = torch.tensor([math.cos(angle), math.sin(angle)], dtype=points.dtype)
+        along = (points @ u).clamp_min(0)
+        return (points - along[:, None] * u).norm(dim=1)
+
+    distance = torch.minimum(to_ray(theta), to_ray(-theta))
+    inside = torch.atan2(points[:, 1], points[:, 0]).abs() < theta
+    return torch.where(inside, -distance, distance)
+
+
+def test_projection_pooling_is_the_signed_distance_to_its_curve():
+    from certify_fx.nn import ProjectionPool2d
+
+    torch.manual_seed(0)
+    pool = ProjectionPool2d(6).double()
+    with torch.no_grad():
+        pool.angle.copy_(torch.tensor([-2.0, 0.0, 1.5]))
+    points = torch.randn(500, 3, 2, dtype=torch.float64) * 3
+    z = torch.cat([points[..., 0], points[..., 1]], dim=1).view(500, 6, 1, 1)
+    out = pool(z).view(500, 3)
+    for c, theta in enumerate(pool.theta().tolist()):
+        assert torch.allclose(out[:, c], _signed_distance_to_rays(points[:, c], theta), atol=1e-12)
+
+
+def test_projection_pooling_is_one_lipschitz_and_bounded_so():
+    from certify_fx.nn import ProjectionPool2d
+
+    torch.manual_seed(1)
+    pool = ProjectionPool2d(8)
+    with torch.no_grad():
+        pool.angle.normal_(0, 2)
+    a = torch.randn(32, 8, 2, 2, requires_grad=True)
+    b = (a.detach() + 0.5 * torch.randn_like(a)).requires_grad_()
+    optimizer = torch.optim.Adam([a, b], lr=0.05)
+    for _ in range(150):  # gradient ascent on the secant slope
+        slope = (pool(a) - pool(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+        assert slope.max() <= 1 + 1e-5
+        optimizer.zero_grad()
+        (-slope.sum()).backward()
+        optimizer.step()
+    x = torch.randn(8, 8, 2, 2, requires_grad=True)
+    pool(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), pool, nn.Flatten(), nn.Linear(16, 4)).eval()
+    rows = [r for r in cfx.bound(net, (3, 2, 2), estimate_steps=0).nodes if r.kind == "activation"]
+    assert [r.factor for r in rows] == [1.0] and rows[0].op == "projection pooling (signed distance)"

@@ -1,5 +1,5 @@
 """Lipschitz layers: activations, per-channel affine, LiResNet block, skew-orthogonal convolution,
-token mixing and the LLN head."""
+projection pooling, token mixing and the LLN head."""
 
 from .activations import GroupSort, HouseHolder, MinMax
 from .affine import Affine
@@ -7,9 +7,10 @@ from .linear_bottleneck import LinearBottleneck
 from .liresnet_block import LiResNetBlock
 from .lln import LLNLinear
 from .normalize import Normalize
+from .projection_pool import ProjectionPool2d
 from .resnet_block import ResNetBlock
 from .soc import SOC
 from .token_mixing import TokenMixing
 
 __all__ = ["Affine", "GroupSort", "HouseHolder", "LLNLinear", "LiResNetBlock", "LinearBottleneck", "MinMax", "Normalize",
-           "ResNetBlock", "SOC", "TokenMixing"]
+           "ProjectionPool2d", "ResNetBlock", "SOC", "TokenMixing"]

@@ -1,4 +1,4 @@
-"""Orthogonal-by-construction layers: the skew-orthogonal convolution (SOC).
+"""Orthogonal-by-construction layers: the skew-orthogonal convolution (SOC) and projection pooling.
 
 SOC's truncated exponential series is only approximately orthogonal; its constant is proven from
 the exact skew-adjoint structure and a sound bound on ``||A||`` (see
@@ -38,3 +38,12 @@ def soc_module(ev, module, input):
     # SAFETY: the layer runs in floating point, a hair away from the exact polynomial
     constant = truncated_exp_norm_bound(norm_a.value, module.terms) * (1 + SAFETY)
     return ev.nonlinear(input, constant, what=f"SOC p_{module.terms}(A), ||A|| <= {norm_a.value:.4g}")
+
+
+@register_module_rule(cnn.ProjectionPool2d)
+def projection_pool_module(ev, module, input):
+    # a signed distance to a curve per disjoint channel pair: 1-Lipschitz (see the class docstring)
+    if len(input.shape) != 3 or input.shape[0] != module.channels:
+        ev.fail(f"ProjectionPool2d({module.channels}) needs (batch, {module.channels}, H, W) inputs, "
+                f"got {tuple(input.shape)}")
+    return ev.nonlinear(input, 1.0, what="projection pooling (signed distance)")
