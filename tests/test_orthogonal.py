@@ -146,3 +146,23 @@ def test_projection_pooling_is_one_lipschitz_and_bounded_so():
     net = nn.Sequential(nn.Conv2d(3, 8, 1), pool, nn.Flatten(), nn.Linear(16, 4)).eval()
     rows = [r for r in cfx.bound(net, (3, 2, 2), estimate_steps=0).nodes if r.kind == "activation"]
     assert [r.factor for r in rows] == [1.0] and rows[0].op == "projection pooling (signed distance)"
+
+
+@pytest.mark.parametrize("img_size, in_chans, pool", [(28, 1, "projection"), (32, 3, "max")])
+def test_lipconvnet_is_registered_and_its_bound_is_the_product_of_its_soc_constants(img_size, in_chans, pool):
+    import timm
+
+    from certify_fx.models.lipconvnet import DEPTHS
+
+    assert all(timm.is_model(f"lipconvnet_{n}") for n in DEPTHS)
+    model = timm.create_model("lipconvnet_5", num_classes=10, in_chans=in_chans, img_size=img_size, width=8,
+                              pool=pool).eval()
+    x = torch.rand(2, in_chans, img_size, img_size)
+    assert model(x).shape == (2, 10) and model.forward_features(x).shape == (2, 8 * 32)
+    bound = cfx.bound(model, (in_chans, img_size, img_size), estimate_steps=0)
+    socs = [r.factor for r in bound.nodes if r.op.startswith("SOC")]
+    assert bound.sound and len(socs) == 6 and all(1.0 <= f < 1.001 for f in socs)  # slightly above 1
+    # 1-Lipschitz up to the SOC truncation: margins of the LLN head are at most ||w_i - w_j|| <= 2
+    assert bound.margin.max() <= 2 * math.prod(socs) * (1 + 1e-5)
+    lower = cfx.bound(model, (in_chans, img_size, img_size), estimate_steps=30).estimate.max()
+    assert lower <= bound.margin.max()
