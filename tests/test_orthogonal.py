@@ -166,3 +166,24 @@ def test_lipconvnet_is_registered_and_its_bound_is_the_product_of_its_soc_consta
     assert bound.margin.max() <= 2 * math.prod(socs) * (1 + 1e-5)
     lower = cfx.bound(model, (in_chans, img_size, img_size), estimate_steps=30).estimate.max()
     assert lower <= bound.margin.max()
+
+
+@pytest.mark.parametrize("terms", [1, 3, 6])
+def test_fast_gradients_keep_the_forward_and_input_gradient_and_approximate_the_kernel_gradient(terms):
+    import copy
+
+    torch.manual_seed(terms)
+    exact = SOC(8, 8, train_terms=terms).double().train()
+    fast = copy.deepcopy(exact)
+    fast.fast_gradients = True
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    x_fast = x.detach().clone().requires_grad_()
+    g = torch.randn(4, 8, 6, 6, dtype=torch.float64)
+    y, y_fast = exact(x), fast(x_fast)
+    assert torch.allclose(y, y_fast, atol=1e-12)
+    (y * g).sum().backward()
+    (y_fast * g).sum().backward()
+    assert torch.allclose(x.grad, x_fast.grad, atol=1e-12)  # the input gradient is exact
+    error = (exact.weight.grad - fast.weight.grad).norm() / exact.weight.grad.norm()
+    assert error == 0 if terms == 1 else error < 0.01  # one term is exact; more: the paper's approximation
+    assert torch.equal(fast.eval()(x), exact.eval()(x))  # evaluation never uses the approximation

@@ -62,6 +62,38 @@ def _abs_sum_derivative(powers: range, r: float) -> float:
     return sum(k * r ** (k - 1) / math.factorial(k) for k in powers if k > 0)
 
 
+class _FastGradientSeries(torch.autograd.Function):
+    """``p_n(A) x`` with the paper's faster gradients (Singla & Feizi, 2022, Section 4).
+
+    Forward: ``u^(n) = x``, ``u^(i) = x + A u^(i+1) / (i+1)``, ``z = u^(0)``. Input gradient (exact):
+    ``v^(n) = g``, ``v^(i) = g - A v^(i+1) / (i+1)``, ``dx = v^(0) = p_n(A)^T g`` since ``A^T = -A``.
+    Kernel gradient (approximate, equation (5)): one convolution weight gradient of
+    ``<v^(1), A u^(1)>`` instead of one per term; exact for ``n = 1``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, terms: int, padding: int) -> torch.Tensor:
+        u, u1 = x, x
+        for i in range(terms - 1, -1, -1):
+            u = x + F.conv2d(u, kernel, padding=padding) / (i + 1)
+            if i == 1:
+                u1 = u
+        ctx.save_for_backward(u1, kernel)
+        ctx.terms, ctx.padding = terms, padding
+        return u
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u1, kernel = ctx.saved_tensors
+        v, v1 = grad, grad
+        for i in range(ctx.terms - 1, -1, -1):
+            v = grad - F.conv2d(v, kernel, padding=ctx.padding) / (i + 1)
+            if i == 1:
+                v1 = v
+        grad_kernel = torch.nn.grad.conv2d_weight(u1, kernel.shape, v1, padding=ctx.padding)
+        return v, grad_kernel, None, None
+
+
 class SOC(nn.Module):
     """``x -> p_n(A) x + b``: a skew-orthogonal convolution (norm slightly above 1).
 
@@ -72,6 +104,8 @@ class SOC(nn.Module):
         train_terms, eval_terms: convolutions in the truncated series in training and in eval
             mode (the paper uses more at test time: the series is closer to orthogonal).
         bias: add a learned bias.
+        fast_gradients: in training, compute the kernel gradient from one convolution weight
+            gradient (equation (5) of the paper; approximate) instead of one per term.
         max_norm: ``L`` is rescaled in every forward so that a cheap bound on its norm,
             ``k ||L||_F``, is at most this (so ``||A|| <= 2 max_norm`` and the series converges
             fast); a parametrisation choice, not part of the certificate, which uses the proven
@@ -79,13 +113,15 @@ class SOC(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 train_terms: int = 6, eval_terms: int = 12, bias: bool = True, max_norm: float = 0.7) -> None:
+                 train_terms: int = 6, eval_terms: int = 12, bias: bool = True, max_norm: float = 0.7,
+                 fast_gradients: bool = False) -> None:
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"SOC needs an odd kernel size (its adjoint must keep the padding), got {kernel_size}")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.channels = max(in_channels * stride * stride, out_channels)
         self.kernel_size, self.train_terms, self.eval_terms, self.max_norm = kernel_size, train_terms, eval_terms, max_norm
+        self.fast_gradients = fast_gradients
         self.weight = nn.Parameter(torch.randn(self.channels, self.channels, kernel_size, kernel_size)
                                    / (self.channels * kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -110,13 +146,16 @@ class SOC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.expand(x)
         kernel, padding = self.skew_kernel(), self.kernel_size // 2
-        out = term = x
-        for i in range(1, self.terms + 1):
-            term = F.conv2d(term, kernel, padding=padding) / i
-            out = out + term
+        if self.fast_gradients and self.training and torch.is_grad_enabled():
+            out = _FastGradientSeries.apply(x, kernel, self.terms, padding)
+        else:
+            out = term = x
+            for i in range(1, self.terms + 1):
+                term = F.conv2d(term, kernel, padding=padding) / i
+                out = out + term
         out = out[:, : self.out_channels]
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"terms={self.train_terms}/{self.eval_terms}")
+                f"terms={self.train_terms}/{self.eval_terms}" + (", fast_gradients" if self.fast_gradients else ""))
