@@ -228,3 +228,26 @@ def test_ctrl_c_to_torchrun_stops_both_processes_at_one_step_and_resumes_exactly
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"(step {state['step']})" in done.stdout
     assert _same_weights(load_checkpoint(out / "checkpoint.pt")["model"], load_checkpoint(reference / "checkpoint.pt")["model"])
+
+
+def test_ctrl_c_to_the_whole_process_group_with_data_workers_stops_cleanly(tmp_path):
+    # a terminal's Ctrl-C reaches the data-loader workers too; they must leave the stop to the trainer
+    out = tmp_path / "run"
+    cmd = [str(BIN / "certify-fx"), "train", str(SMOKE), "--set", f"output_dir={out}", "--set",
+           "data.augment=[crop, flip]", "--set", "data.num_workers=2", "--set", "checkpoint_every_steps=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV, cwd=ROOT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "stopped by SIGINT after step" in stdout, stderr[-2000:]
+    assert "Traceback" not in stderr and "exited unexpectedly" not in stderr
+    step = int(stdout.split("stopped by SIGINT after step ")[1].split(";")[0])
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == step
+    assert run_cli("train", "--resume", out / "checkpoint.pt").returncode == 0
+    # the same run without workers and never stopped (one thread each, as the CLI runs): the same weights
+    reference = tmp_path / "reference"
+    assert run_cli("train", SMOKE, "--set", f"output_dir={reference}", "--set", "data.augment=[crop, flip]").returncode == 0
+    assert _same_weights(load_checkpoint(out / "checkpoint.pt")["model"], load_checkpoint(reference / "checkpoint.pt")["model"])

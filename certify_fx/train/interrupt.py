@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .distributed import DistributedContext
 
-__all__ = ["StopRequest", "TrainingInterrupted"]
+__all__ = ["StopRequest", "TrainingInterrupted", "ignore_stop_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -65,3 +65,11 @@ class StopRequest:
         if flag.item() and self.signal_name is None:
             self.signal_name = "a signal to another process"
         return bool(flag.item())
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of data-loader workers: Ctrl-C in a terminal signals the whole process
+    group, and a worker that died of it would break the step the main process is finishing; the
+    main process decides when to stop and shuts its workers down."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

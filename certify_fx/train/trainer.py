@@ -37,7 +37,7 @@ from .builders import build_model, build_split, recipe_dataset_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_objects, all_reduce_sum
 from .evaluate import evaluate_certified
-from .interrupt import StopRequest, TrainingInterrupted
+from .interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
 from .recipe import Recipe, recipe_from_dict
 from .run_dir import CHECKPOINT_NAME, LOG_NAME, RunDir, TensorBoardScalars
 from .sampling import ResumableSampler, SeededSamples
@@ -134,7 +134,8 @@ class Trainer:
                                         seed=recipe.seed, drop_last=True)
         self.loader = DataLoader(SeededSamples(self.train_set, recipe.seed), batch_size=recipe.data.batch_size // world,
                                  sampler=self.sampler, drop_last=True, num_workers=recipe.data.num_workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=recipe.data.num_workers > 0)
+                                 pin_memory=device.type == "cuda", persistent_workers=recipe.data.num_workers > 0,
+                                 worker_init_fn=ignore_stop_signals)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise RecipeError(f"data.batch_size {recipe.data.batch_size} exceeds the {len(self.train_set)} "
