@@ -312,25 +312,36 @@ class Evaluator(fx.Interpreter):
             self.fail(f"operator for shape {op.in_shape} applied to a value of shape {value.shape}")
         return Tracked(op.out_shape, {s: compose(op, a) for s, a in value.form.items()})
 
-    def nonlinear(self, value: Tracked, constant: float, what: str | None = None, part: int | None = None) -> Tracked:
-        """A nonlinearity with Lipschitz constant ``constant``: the result (the node's output, or its
-        tuple element ``part``) becomes a new source."""
+    def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
+                  part: int | None = None) -> Tracked:
+        """A map with Lipschitz constant ``constant``: the result (the node's output, or its tuple
+        element ``part``) becomes a new source. ``constant`` is a number (exact), or a
+        :class:`Lipschitz` derived from :meth:`operator_norm` (proven bound and estimate)."""
         if not isinstance(value, Tracked):
             self.fail(f"expected an input-dependent tensor, got {type(value).__name__}")
-        constant = float(constant)
-        if not math.isfinite(constant) or constant < 0:
-            self.fail(f"the Lipschitz constant {constant} is not a finite number >= 0")
+        if not isinstance(constant, Lipschitz):
+            exact = float(constant)
+            if not math.isfinite(exact) or exact < 0:
+                self.fail(f"the Lipschitz constant {exact} is not a finite number >= 0")
+            constant = Lipschitz(exact, exact, True, "exact")
         node = self.node
         inner = self.lipschitz_of(value, value.origin or f"{node.name}.in")
         source = node.name
         while source in self.lipschitz:
             source += "'"
-        lip = Lipschitz(constant * inner.bound, constant * inner.estimate, inner.sound)
+        lip = Lipschitz(constant.bound * inner.bound, constant.estimate * inner.estimate, constant.sound and inner.sound)
         self.lipschitz[source] = lip
-        self.rows.append(NodeBound(node.name, what or _target_name(node, self.module), "activation", constant, constant,
-                                   lip.bound, _float(lip.estimate), "exact", inner.sound))
+        self.rows.append(NodeBound(node.name, what or _target_name(node, self.module), "activation", constant.bound,
+                                   _float(constant.estimate), lip.bound, _float(lip.estimate), constant.method,
+                                   lip.sound))
         shape = self.shape(part=part)
         return Tracked(shape, {source: Identity(shape)}, origin=source)
+
+    def operator_norm(self, op: LinearOperator) -> Lipschitz:
+        """The norm of ``op`` as the compiler bounds every linear map: proven (materialised when
+        small, else the operator's sound bound) with an estimate, or a power-iteration estimate
+        with persisted iterates while training."""
+        return self._norm(op, f"{self.node.name}:operator")
 
     def apply_module(self, module: nn.Module, value: Tracked) -> Tracked:
         """Apply ``module``'s rule to ``value`` (for modules nested in a leaf, e.g. timm's BatchNormAct2d)."""

@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch import nn
 
 from .operators import LinearOperator
-from .values import Shape, Tracked
+from .values import Lipschitz, Shape, Tracked
 
 __all__ = [
     "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule",
@@ -69,8 +69,14 @@ class RuleContext(Protocol):
     def linear(self, value: Tracked, op: LinearOperator) -> Tracked:
         """``op`` applied to ``value`` (folded with what came before)."""
 
-    def nonlinear(self, value: Tracked, constant: float, what: str | None = None, part: int | None = None) -> Tracked:
-        """A map with global Lipschitz constant ``constant`` applied to ``value``."""
+    def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
+                  part: int | None = None) -> Tracked:
+        """A map with global Lipschitz constant ``constant`` (a number, or a :class:`Lipschitz`
+        derived from :meth:`operator_norm`) applied to ``value``."""
+
+    def operator_norm(self, op: LinearOperator) -> Lipschitz:
+        """The norm of a linear operator, proven (or estimated while training) as the compiler
+        bounds every linear map."""
 
     def apply_module(self, module: nn.Module, value: Tracked) -> Tracked:
         """``module``'s own rule applied to ``value`` (modules nested in a leaf)."""

@@ -8,16 +8,14 @@ the paper uses.
 
 from __future__ import annotations
 
-import torch
+import math
 
 from ... import nn as cnn
 from ...nn.soc import truncated_exp_norm_bound
 from ..norms import SAFETY
-from ..operators import Conv2d, materialized_bound
+from ..operators import Conv2d
 from ..registry import register_module_rule
-
-#: Skew convolutions with at most this many input entries are materialised (exact norm).
-MATERIALIZE_LIMIT = 2048
+from ..values import Lipschitz
 
 
 @register_module_rule(cnn.SOC)
@@ -27,17 +25,17 @@ def soc_module(ev, module, input):
     if height % s or width % s or channels * s * s > module.channels:
         ev.fail(f"SOC with stride {s} needs a height and width divisible by {s} and at most "
                 f"{module.channels // (s * s)} input channels, got {tuple(input.shape)}")
-    with torch.no_grad():
-        kernel = module.skew_kernel().detach().to(torch.float64)
     p = module.kernel_size // 2
-    skew = Conv2d((module.channels, height // s, width // s), kernel, (1, 1), (p, p, p, p), (1, 1), 1)
-    small = module.channels * (height // s) * (width // s) <= MATERIALIZE_LIMIT
-    norm_a = materialized_bound(skew) if small else skew.upper_bound()
-    if not norm_a.sound:
-        ev.fail("no proven bound on the skew convolution's norm")
+    skew = Conv2d((module.channels, height // s, width // s), module.skew_kernel().detach(), (1, 1), (p, p, p, p),
+                  (1, 1), 1)
+    norm_a = ev.operator_norm(skew)  # ||A||: the compiler's own policy (exact when small), or estimated in training
+    terms = module.terms
+    estimate = float(norm_a.estimate)
     # SAFETY: the layer runs in floating point, a hair away from the exact polynomial
-    constant = truncated_exp_norm_bound(norm_a.value, module.terms) * (1 + SAFETY)
-    return ev.nonlinear(input, constant, what=f"SOC p_{module.terms}(A), ||A|| <= {norm_a.value:.4g}")
+    constant = Lipschitz(truncated_exp_norm_bound(norm_a.bound, terms) * (1 + SAFETY),
+                         truncated_exp_norm_bound(estimate, terms) if math.isfinite(estimate) else math.nan,
+                         norm_a.sound, norm_a.method)
+    return ev.nonlinear(input, constant, what=f"SOC p_{terms}(A), ||A|| <= {norm_a.bound:.4g}")
 
 
 @register_module_rule(cnn.ProjectionPool2d)
