@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import CertifyFxError, CheckpointError
 from .model_spec import ModelSpec
-from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights
+from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights, read_payload, save_payload
 
 if TYPE_CHECKING:
     from .train.recipe import Recipe
@@ -90,14 +90,14 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
     """
     from .train.builders import build_model, model_spec, recipe_dataset_info
     from .train.recipe import recipe_from_dict
-    from .transforms.serialization import load_converted, read_converted_payload
+    from .transforms.serialization import load_converted
 
     if is_model_file(source):
         if kwargs or weights:
             raise CertifyFxError(f"{source} is a file with its own model and weights; model kwargs and weights "
                                  "apply to a model name or file.py:attr")
         path = Path(source)
-        payload = read_converted_payload(path)
+        payload = read_payload(path)
         if path.suffix == ".safetensors" and payload.get("format") != CONVERTED_FORMAT:
             raise CertifyFxError(f"{path} holds only weights; name the model and give the file as its weights "
                                  f"(CLI: MODEL --weights {path})")
@@ -135,17 +135,11 @@ def export_model(loaded: LoadedModel, path: str | Path) -> str:
     every command reads on its own; any other model as a plain ``state_dict``, to be given as
     ``--weights`` with its model name.
     """
-    from .files import atomic_torch_save
     from .transforms.serialization import save_converted
-    from .weights import save_safetensors
 
     if loaded.conversion is not None:
         save_converted(loaded.model, path, loaded.spec)
         return f"converted model ({loaded.name}); read it with: certify-fx bound {path}"
-    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
-    if Path(path).suffix == ".safetensors":
-        save_safetensors(state, path, {"source": loaded.spec.to_dict()})
-    else:
-        atomic_torch_save(state, path)
+    save_payload(loaded.model.state_dict(), path, {"source": loaded.spec.to_dict()})
     kwargs = "".join(f" --kwarg {k}={json.dumps(v, separators=(',', ':'))}" for k, v in loaded.spec.kwargs.items())
     return f"weights of {loaded.spec}; use them with: certify-fx bound {loaded.spec.target}{kwargs} --weights {path}"

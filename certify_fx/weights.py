@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .files import atomic_write
+from .files import atomic_torch_save, atomic_write
 
 #: The metadata key under which certify-fx keeps its (JSON) records in a .safetensors file.
 _SAFETENSORS_KEY = "certify_fx"
 
-__all__ = ["CHECKPOINT_FORMAT", "CONVERTED_FORMAT", "load_weights", "read_safetensors", "read_state_dict",
-           "read_torch_file", "save_safetensors"]
+__all__ = ["CHECKPOINT_FORMAT", "CONVERTED_FORMAT", "load_weights", "read_payload", "read_safetensors",
+           "read_state_dict", "read_torch_file", "save_payload", "save_safetensors"]
 
 CHECKPOINT_FORMAT = "certify-fx/checkpoint"
 CONVERTED_FORMAT = "certify-fx/converted"
@@ -64,10 +64,7 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights held by ``path``, whatever certify-fx or common training script wrote it."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)[0]
-    payload = read_torch_file(path)
+    payload = read_payload(path)
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         return payload["model"]
     if isinstance(payload, dict) and payload.get("format") == CONVERTED_FORMAT:
@@ -80,6 +77,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if payload and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
             return payload
     raise CheckpointError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
+
+
+def read_payload(path: str | Path) -> Any:
+    """What a ``.pt`` or ``.safetensors`` file holds, read without running code: a torch file's
+    object, or a safetensors file's certify-fx records with its tensors under ``state_dict``."""
+    if Path(path).suffix == ".safetensors":
+        tensors, records = read_safetensors(path)
+        return {**records, "state_dict": tensors}
+    return read_torch_file(path)
+
+
+def save_payload(state: dict[str, torch.Tensor], path: str | Path, records: dict[str, Any] | None = None) -> Path:
+    """Write tensors and plain-data ``records`` atomically, in the format ``path``'s suffix names:
+    ``.safetensors`` (records in the metadata) or a torch file (records beside ``state_dict``;
+    the bare ``state_dict`` without records). :func:`read_payload` reads either back."""
+    if Path(path).suffix == ".safetensors":
+        return save_safetensors(state, path, records)
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    return atomic_torch_save({**records, "state_dict": state} if records else state, path)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, records: dict[str, Any] | None = None) -> Path:

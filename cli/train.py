@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, output_dir=recipe.output_dir if chosen or args.resume is None else None)
     try:
         if trainer.complete:
-            console.print(f"the run in {trainer.out} is complete ({trainer.epoch}/{recipe.epochs} epochs); "
+            console.print(f"the run in {trainer.run.path} is complete ({trainer.epoch}/{recipe.epochs} epochs); "
                           f"to train longer: certify-fx train --resume {trainer.run.checkpoint} --set epochs=N")
             return 0
         history = trainer.fit()
@@ -174,8 +174,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col in ("epochs", "best VRA", "at eps", "epoch", "clean") else "left")
     fmt = lambda v, spec=".3f": "" if v is None else format(v, spec)  # noqa: E731
     for r in sorted(runs, key=lambda r: -1 if r.best_vra is None else r.best_vra, reverse=True):
-        table.add_row(os.path.relpath(r.path, args.root), r.model, r.data, r.loss, f"{r.epochs_done}/{r.epochs}", fmt(r.best_vra), fmt(r.eps, ".4g"),
-                      fmt(r.best_epoch, "d"), fmt(r.clean_accuracy), "yes" if r.has_checkpoint else "no", r.modified)
+        table.add_row(os.path.relpath(r.path, args.root), r.model, r.data, r.loss, f"{r.epochs_done}/{r.epochs}",
+                      fmt(r.best_vra), fmt(r.eps, ".4g"), fmt(r.best_epoch, "d"), fmt(r.clean_accuracy),
+                      "yes" if r.has_checkpoint else "no", r.modified)
     console.print(table)
     return 0
 

@@ -66,6 +66,10 @@ class StopRequest:
             self.signal_name = "a signal to another process"
         return bool(flag.item())
 
+    def interruption(self, checkpoint: Path, step: int) -> TrainingInterrupted:
+        """The exception to raise once the checkpoint of ``step`` is written."""
+        return TrainingInterrupted(self.signal_name or "a signal", checkpoint, step)
+
 
 def ignore_stop_signals(worker_id: int) -> None:
     """``worker_init_fn`` of data-loader workers: Ctrl-C in a terminal signals the whole process

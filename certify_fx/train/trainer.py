@@ -115,7 +115,6 @@ class Trainer:
         resuming_here = state is not None and (here is None or here.resolve() == self.run.path.resolve())
         if self.ctx.is_main:  # before anything slow: a refused folder fails at once
             self.run.claim(overwrite=overwrite, resuming_here=resuming_here)
-        self.out = self.run.path
         device = self.ctx.device
         torch.manual_seed(recipe.seed)  # identical initial weights on every process
         self.info = recipe_dataset_info(recipe)
@@ -284,7 +283,7 @@ class Trainer:
             if (stopping or periodic) and i + 1 < self.steps_per_epoch:
                 path = self.save({"batches": i + 1, **sums, "eps_t": eps_t, "k_max": k_max})
                 if stopping:
-                    raise TrainingInterrupted(self.stop.signal_name or "a signal", path, self.step)
+                    raise self.stop.interruption(path, self.step)
         if task is not None:
             progress.remove_task(task)
         if r.bound.converge_steps and self.gloro is not None:
@@ -347,7 +346,7 @@ class Trainer:
                         tensorboard.add_epoch(metrics)
                         self._print_epoch(metrics)
                     if stopping and self.epoch < r.epochs:
-                        raise TrainingInterrupted(self.stop.signal_name or "a signal", self.run.checkpoint, self.step)
+                        raise self.stop.interruption(self.run.checkpoint, self.step)
         finally:
             if tensorboard is not None:
                 tensorboard.close()
@@ -362,7 +361,7 @@ class Trainer:
             f"[bold]certify-fx train[/]: {r.model.name} ({params / 1e6:.2f}M parameters) on {r.data.name} "
             f"({len(self.train_set)} train / {len(self.test_set)} test), loss {r.loss.name}, eps {r.eps.eps:.4f}, "
             f"{r.epochs} epochs x {self.steps_per_epoch} steps, {self.ctx.world_size} process(es) on "
-            f"{self.ctx.device.type} -> {self.out}", soft_wrap=True)
+            f"{self.ctx.device.type} -> {self.run.path}", soft_wrap=True)
         if self.step:
             within = self.step - self.epoch * self.steps_per_epoch
             where = f"epoch {self.epoch}" + (f" and {within} steps of epoch {self.epoch + 1}" if within else "")

@@ -18,9 +18,8 @@ from typing import Any
 import torch.fx as fx
 
 from ..errors import CertifyFxError
-from ..files import atomic_torch_save
 from ..model_spec import ModelSpec
-from ..weights import CONVERTED_FORMAT, read_safetensors, read_torch_file, save_safetensors
+from ..weights import CONVERTED_FORMAT, read_payload, save_payload
 
 __all__ = ["save_converted", "load_converted", "rebuild_converted", "FORMAT"]
 
@@ -46,11 +45,7 @@ def save_converted(gm: fx.GraphModule, path: str | Path, source: ModelSpec | dic
         "conversion": conversion,
         "rewrite_log": [r.to_dict() for r in getattr(gm, "rewrite_log", [])],
     }
-    state = {k: v.detach().cpu() for k, v in gm.state_dict().items()}
-    if Path(path).suffix == ".safetensors":  # the records go into the file's metadata
-        save_safetensors(state, path, records)
-    else:
-        atomic_torch_save({**records, "state_dict": state}, path)
+    save_payload(gm.state_dict(), path, records)
 
 
 def rebuild_converted(spec: ModelSpec, conversion: dict[str, Any], trust_source: bool = False) -> fx.GraphModule:
@@ -64,18 +59,10 @@ def rebuild_converted(spec: ModelSpec, conversion: dict[str, Any], trust_source:
                    check=False, **options)
 
 
-def read_converted_payload(path: str | Path) -> Any:
-    """A converted model's records and ``state_dict`` from a ``.pt`` or ``.safetensors`` file."""
-    if Path(path).suffix == ".safetensors":
-        tensors, records = read_safetensors(path)
-        return {**records, "state_dict": tensors}
-    return read_torch_file(path)
-
-
 def load_converted(path: str | Path, trust_source: bool = False) -> fx.GraphModule:
     """Rebuild a converted model saved by :func:`save_converted` (no code from the file runs;
     a model converted from Python code is rebuilt only with ``trust_source=True``)."""
-    payload = read_converted_payload(path)
+    payload = read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CertifyFxError(f"{path} is not a converted certify-fx model (no {FORMAT!r} header)")
     if payload.get("version") != VERSION:
