@@ -19,7 +19,8 @@ The contract:
   input-dependent value in any other parameter (a tensor ``min`` of ``clamp``, an input-dependent
   ``bias``) is refused before the rule runs; a :class:`~.values.Refused` value anywhere is refused.
 * **What a rule returns.** A :class:`~.values.Tracked` (``ev.linear`` for linear maps,
-  ``ev.nonlinear`` for maps with a global Lipschitz constant), or a
+  ``ev.nonlinear`` for maps with a global Lipschitz constant; a constant that depends on an
+  operator's norm is derived from ``ev.operator_norm(op)``, never computed by the rule itself), or a
   :class:`~.values.TupleResult` of them and of :class:`~.values.Refused` parts. A rule refuses with
   ``ev.fail(reason, fix)``; it must check every parameter it names (ranges, modes, dims: anything
   over the batch dimension is refused).
