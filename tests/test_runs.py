@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -230,8 +231,10 @@ def test_ctrl_c_to_torchrun_stops_both_processes_at_one_step_and_resumes_exactly
     assert _same_weights(load_checkpoint(out / "checkpoint.pt")["model"], load_checkpoint(reference / "checkpoint.pt")["model"])
 
 
-def test_ctrl_c_to_the_whole_process_group_with_data_workers_stops_cleanly(tmp_path):
-    # a terminal's Ctrl-C reaches the data-loader workers too; they must leave the stop to the trainer
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_with_data_workers_stops_cleanly(tmp_path, sig):
+    # a terminal's Ctrl-C (or a batch scheduler's SIGTERM) reaches the data-loader workers too; the trainer
+    # still stops at a step boundary with a checkpoint
     out = tmp_path / "run"
     cmd = [str(BIN / "certify-fx"), "train", str(SMOKE), "--set", f"output_dir={out}", "--set",
            "data.augment=[crop, flip]", "--set", "data.num_workers=2", "--set", "checkpoint_every_steps=1"]
@@ -240,14 +243,33 @@ def test_ctrl_c_to_the_whole_process_group_with_data_workers_stops_cleanly(tmp_p
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "stopped by SIGINT after step" in stdout, stderr[-2000:]
+    said = f"stopped by {sig.name} after step "
+    assert proc.returncode == 130 and said in stdout, stderr[-2000:]
     assert "Traceback" not in stderr and "exited unexpectedly" not in stderr
-    step = int(stdout.split("stopped by SIGINT after step ")[1].split(";")[0])
+    step = int(stdout.split(said)[1].split(";")[0])
     assert load_checkpoint(out / "checkpoint.pt")["step"] == step
     assert run_cli("train", "--resume", out / "checkpoint.pt").returncode == 0
     # the same run without workers and never stopped (one thread each, as the CLI runs): the same weights
     reference = tmp_path / "reference"
     assert run_cli("train", SMOKE, "--set", f"output_dir={reference}", "--set", "data.augment=[crop, flip]").returncode == 0
     assert _same_weights(load_checkpoint(out / "checkpoint.pt")["model"], load_checkpoint(reference / "checkpoint.pt")["model"])
+
+
+def test_a_process_holding_data_workers_still_exits(tmp_path):
+    # multiprocessing ends daemon workers with SIGTERM at exit and then waits for them: a worker that
+    # ignored it would hang the interpreter forever (as it once hung this test suite after its last test)
+    script = tmp_path / "holds_workers.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from certify_fx.train.interrupt import leave_stops_to_the_trainer\n"
+        "loader = DataLoader(TensorDataset(torch.arange(100.0)), batch_size=10, num_workers=2,\n"
+        "                    persistent_workers=True, worker_init_fn=leave_stops_to_the_trainer)\n"
+        "held = iter(loader)\n"
+        "next(held)\n"
+        "print('holding', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    assert done.returncode == 0 and "holding" in done.stdout, done.stderr[-2000:]
+

@@ -8,6 +8,7 @@ flag is agreed on by all processes before anyone stops.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from .distributed import DistributedContext
 
-__all__ = ["StopRequest", "TrainingInterrupted", "ignore_stop_signals"]
+__all__ = ["StopRequest", "TrainingInterrupted", "leave_stops_to_the_trainer"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -71,9 +72,18 @@ class StopRequest:
         return TrainingInterrupted(self.signal_name or "a signal", checkpoint, step)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of data-loader workers: Ctrl-C in a terminal signals the whole process
-    group, and a worker that died of it would break the step the main process is finishing; the
-    main process decides when to stop and shuts its workers down."""
-    for sig in _SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def leave_stops_to_the_trainer(worker_id: int) -> None:
+    """``worker_init_fn`` of data-loader workers.
+
+    Ctrl-C in a terminal signals the whole process group; a worker killed by it would break the
+    step the main process is finishing, so workers ignore SIGINT and the trainer shuts them down.
+    SIGTERM, though, is also how ``multiprocessing`` ends daemon workers at interpreter exit (and
+    then waits for them), so a worker must obey it: it leaves at once, with status 0 because torch
+    turns a worker killed by a signal into an error raised mid-step in the main process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_quietly)
+
+
+def _leave_quietly(signum: int, frame: FrameType | None) -> None:
+    os._exit(0)

@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableSampler", "SeededSamples", "sample_seed"]
+__all__ = ["EpochBatches", "ResumableSampler", "SeededSamples", "sample_seed"]
 
 _MASK = (1 << 63) - 1
 
@@ -35,7 +35,7 @@ class ResumableSampler(DistributedSampler):
 
     ``start_at(n)`` makes the next iteration begin at this process's ``n``-th sample of the epoch
     (reset after one iteration). The epoch travels with each index, so dataset copies held by
-    persistent worker processes need no ``set_epoch`` of their own.
+    worker processes need no ``set_epoch`` of their own.
     """
 
     def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
@@ -70,3 +70,30 @@ class SeededSamples(Dataset):
             return self.dataset[index]
         finally:
             torch.set_rng_state(saved)
+
+
+class EpochBatches:
+    """One epoch of a :class:`DataLoader`, whose worker processes end with the ``with`` block.
+
+    The training loop's frames can outlive the epoch (a traceback kept by a test or a debugger
+    holds them); they hold this handle rather than the loader's iterator, so leaving the block,
+    on any path, is what lets the workers go.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._batches: Iterator | None = iter(loader)
+
+    def __enter__(self) -> "EpochBatches":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._batches = None
+
+    def __iter__(self) -> "EpochBatches":
+        return self
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            raise StopIteration
+        return next(self._batches)
+

@@ -15,7 +15,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -37,10 +37,10 @@ from .builders import build_model, build_split, recipe_dataset_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_objects, all_reduce_sum
 from .evaluate import evaluate_certified
-from .interrupt import StopRequest, TrainingInterrupted, ignore_stop_signals
+from .interrupt import StopRequest, TrainingInterrupted, leave_stops_to_the_trainer
 from .recipe import Recipe, recipe_from_dict
 from .run_dir import CHECKPOINT_NAME, LOG_NAME, RunDir, TensorBoardScalars
-from .sampling import ResumableSampler, SeededSamples
+from .sampling import EpochBatches, ResumableSampler, SeededSamples
 from .schedules import eps_schedule, linear_ramp
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "Trainer", "TrainingInterrupted", "train"]
@@ -133,8 +133,7 @@ class Trainer:
                                         seed=recipe.seed, drop_last=True)
         self.loader = DataLoader(SeededSamples(self.train_set, recipe.seed), batch_size=recipe.data.batch_size // world,
                                  sampler=self.sampler, drop_last=True, num_workers=recipe.data.num_workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=recipe.data.num_workers > 0,
-                                 worker_init_fn=ignore_stop_signals)
+                                 pin_memory=device.type == "cuda", worker_init_fn=leave_stops_to_the_trainer)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise RecipeError(f"data.batch_size {recipe.data.batch_size} exceeds the {len(self.train_set)} "
@@ -243,7 +242,7 @@ class Trainer:
         _seed_epoch(r.seed, epoch, self.ctx.rank)
         self.sampler.set_epoch(epoch)
         self.sampler.start_at(done * self.loader.batch_size)
-        batches = iter(self.loader)  # draws the loader's base seed: before the random state is restored
+        batches = EpochBatches(self.loader)  # draws the loader's base seed: before the random state is restored
         if "rng" in partial:
             self._set_rng(partial["rng"])
         self.net.train()
@@ -251,39 +250,44 @@ class Trainer:
                                   info="") if progress else None)
         sums = {k: float(partial.get(k, 0.0)) for k in ("loss_sum", "correct", "count")}
         eps_t, k_max = float(partial.get("eps_t", math.nan)), float(partial.get("k_max", math.nan))
-        for i, (x, y) in enumerate(batches, start=done):
-            x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
-            t = epoch + i / self.steps_per_epoch
-            eps_t = eps_schedule(r.eps.schedule, r.eps.eps, t, r.epochs, r.eps.start, r.eps.train_multiplier,
-                                 r.eps.ramp_fraction)
-            logits, margin = self.ddp(x)
-            loss = self.loss_fn(logits, y, margin, eps_t, **self._loss_options(t))
-            loss_value = loss.item()  # the one host sync for the loss per step
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "
-                                         "lower optim.lr or eps.eps")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if r.optim.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.grad_clip)
-            self.optimizer.step()
-            self.step += 1
-            self.scheduler.step_update(self.step)
-            sums["loss_sum"] += loss_value * len(y)
-            sums["correct"] += (logits.argmax(1) == y).sum().item()
-            sums["count"] += len(y)
-            if margin is not None:
-                k_max = margin.detach().max().item()
-            if task is not None:
-                progress.update(task, advance=1, info=f"loss {sums['loss_sum'] / sums['count']:.4f}  "
-                                                      f"acc {sums['correct'] / sums['count']:.3f}  "
-                                                      f"eps {eps_t:.3f}  K~{k_max:.2f}")
-            stopping = self.stop.requested()
-            periodic = r.checkpoint_every_steps and self.step % r.checkpoint_every_steps == 0
-            if (stopping or periodic) and i + 1 < self.steps_per_epoch:
-                path = self.save({"batches": i + 1, **sums, "eps_t": eps_t, "k_max": k_max})
-                if stopping:
-                    raise self.stop.interruption(path, self.step)
+        with batches:
+            i = done - 1
+            for i, (x, y) in enumerate(self._until_stopped(batches), start=done):
+                x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+                t = epoch + i / self.steps_per_epoch
+                eps_t = eps_schedule(r.eps.schedule, r.eps.eps, t, r.epochs, r.eps.start, r.eps.train_multiplier,
+                                     r.eps.ramp_fraction)
+                logits, margin = self.ddp(x)
+                loss = self.loss_fn(logits, y, margin, eps_t, **self._loss_options(t))
+                loss_value = loss.item()  # the one host sync for the loss per step
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "
+                                             "lower optim.lr or eps.eps")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if r.optim.grad_clip:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), r.optim.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                self.scheduler.step_update(self.step)
+                sums["loss_sum"] += loss_value * len(y)
+                sums["correct"] += (logits.argmax(1) == y).sum().item()
+                sums["count"] += len(y)
+                if margin is not None:
+                    k_max = margin.detach().max().item()
+                if task is not None:
+                    progress.update(task, advance=1, info=f"loss {sums['loss_sum'] / sums['count']:.4f}  "
+                                                          f"acc {sums['correct'] / sums['count']:.3f}  "
+                                                          f"eps {eps_t:.3f}  K~{k_max:.2f}")
+                stopping = self.stop.requested()
+                periodic = r.checkpoint_every_steps and self.step % r.checkpoint_every_steps == 0
+                if (stopping or periodic) and i + 1 < self.steps_per_epoch:
+                    path = self.save({"batches": i + 1, **sums, "eps_t": eps_t, "k_max": k_max})
+                    if stopping:
+                        raise self.stop.interruption(path, self.step)
+        if i + 1 < self.steps_per_epoch:  # the workers were stopped by the signal that stops training
+            raise self.stop.interruption(self.save({"batches": i + 1, **sums, "eps_t": eps_t, "k_max": k_max}),
+                                         self.step)
         if task is not None:
             progress.remove_task(task)
         if r.bound.converge_steps and self.gloro is not None:
@@ -295,6 +299,15 @@ class Trainer:
         loss_sum, correct, count = all_reduce_sum([sums["loss_sum"], sums["correct"], sums["count"]], self.ctx)
         return {"loss": loss_sum / count, "train_accuracy": correct / count, "eps_train": eps_t,
                 "K_estimate": k_max, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _until_stopped(self, batches: Iterator) -> Iterator:
+        """``batches``, ending early when a stop signal has also ended the data-loader workers
+        (SIGTERM sent to the whole process group, as a batch scheduler does)."""
+        try:
+            yield from batches
+        except RuntimeError:
+            if self.stop.signal_name is None or self.ctx.distributed:
+                raise
 
     def evaluate(self, progress: ProgressLike | None = None) -> dict[str, Any]:
         self.net.eval()
