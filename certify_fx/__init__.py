@@ -23,6 +23,7 @@ from .bounds import (
     register_rule,
 )
 from .certify import Certificate, GloRo, bottom_logit, certified_radius, certify, check_bound, verified_robust_accuracy
+from .crc import CurvatureBound, curvature_bound
 from .errors import (
     CertifyFxError,
     CheckpointError,
@@ -49,6 +50,7 @@ __all__ = [
     "BoundCompiler",
     "Certificate",
     "CertifyFxError",
+    "CurvatureBound",
     "CheckpointError",
     "DatasetNotFoundError",
     "GloRo",
@@ -68,6 +70,7 @@ __all__ = [
     "certify",
     "check_bound",
     "convert",
+    "curvature_bound",
     "create_loss",
     "load_converted",
     "load_model",

@@ -17,14 +17,15 @@ from torch import nn
 
 from .bounds.compiler import FULL_PRECISION, BoundCompiler, LipschitzBound
 from .bounds.fingerprint import model_fingerprint
+from .crc import CurvatureBound, crc_head, curvature_bound, curvature_radius
 from .errors import CertifyFxError, StaleBoundError, UnprovenBoundError
 from .tracing import configured_input_shape
 
 if TYPE_CHECKING:
     from .progress import ProgressLike
 
-__all__ = ["Certificate", "GloRo", "bottom_logit", "certified_radius", "certify", "check_bound", "check_eps",
-           "round_up", "verified_robust_accuracy", "ROUNDING_SLACK_ULPS"]
+__all__ = ["CERTIFICATE_METHODS", "Certificate", "GloRo", "bottom_logit", "certified_radius", "certify", "check_bound",
+           "check_eps", "pair_radii", "round_up", "verified_robust_accuracy", "ROUNDING_SLACK_ULPS"]
 
 #: Logits are computed in floating point: a gap of a few units in the last place of the logits is
 #: treated as a tie, so rounding can never turn into a certified margin. The slack subtracted from
@@ -115,6 +116,21 @@ def certified_radius(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.
     closed: a row of logits with a NaN/inf, or a NaN/inf anywhere in ``K``, gets radius 0; ties and
     0/0 get radius 0. Half and bfloat16 logits are refused: their rounding is not covered.
     """
+    pred, pairs = pair_radii(logits, margin)
+    return pred, _smallest(pairs)
+
+
+def _smallest(pairs: torch.Tensor) -> torch.Tensor:
+    """The radius of each row of :func:`pair_radii` (0 for a row that cannot be certified)."""
+    radius = pairs.amin(dim=1) if pairs.shape[1] > 1 else torch.full(pairs.shape[:1], torch.inf, dtype=pairs.dtype,
+                                                                      device=pairs.device)
+    return torch.where(pairs.isnan().any(dim=1), 0.0, radius)
+
+
+def pair_radii(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and, per class ``i``, the radius within which ``f_pred - f_i`` stays positive:
+    (N, m) float64, ``inf`` at the predicted class, 0 where the gap (less the rounding slack) is
+    not positive, NaN in every entry of a row that cannot be certified (NaN/inf logits or ``K``)."""
     if logits.dtype not in FULL_PRECISION:
         raise CertifyFxError(f"logits are {logits.dtype}; certificates need float32 or float64 logits (half/bfloat16 "
                              "rounding can flip a certified prediction). Certify model.float() instead")
@@ -127,23 +143,21 @@ def certified_radius(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.
     k_pred = k[pred]  # (N, m): K[j, i]
     ratio = torch.where(k_pred > 0, gap / k_pred.clamp_min(torch.finfo(torch.float64).tiny),
                         torch.where(gap > 0, torch.inf, 0.0)).clamp_min(0.0)
+    ratio = torch.nan_to_num(ratio, nan=0.0, posinf=torch.inf)
     ratio = ratio.scatter(1, pred[:, None], torch.inf)  # exclude i == j by index, never by value
-    if logits.shape[1] > 1:
-        radius = ratio.amin(dim=1)
-    else:
-        radius = torch.full(pred.shape, torch.inf, dtype=torch.float64, device=values.device)
     finite = torch.isfinite(values).all(dim=1) & bool(torch.isfinite(k).all())
-    radius = torch.where(finite, torch.nan_to_num(radius, nan=0.0, posinf=torch.inf), 0.0)
-    return pred, radius
+    return pred, torch.where(finite[:, None], ratio, torch.nan)
 
 
 def certify(
     model: nn.Module,
     x: torch.Tensor,
     eps: float,
-    bound: LipschitzBound | None = None,
+    bound: LipschitzBound | CurvatureBound | None = None,
     *,
     use_estimate: bool = False,
+    method: str = "lipschitz",
+    crc_classes: int | None = None,
 ) -> Certificate:
     """Certify a batch at l2 radius ``eps``.
 
@@ -151,36 +165,88 @@ def certify(
         model: the classifier (the same one ``bound`` was computed for).
         x: inputs (N, *input_shape).
         eps: the radius to certify.
-        bound: a precomputed :func:`certify_fx.bound`; computed once here if omitted. Reuse it
-            across batches: certification then costs one forward pass.
+        bound: a precomputed :func:`certify_fx.bound` (or, for ``method="crc"``,
+            :func:`certify_fx.curvature_bound`); computed here if omitted. Reuse it across batches:
+            certification then costs one forward pass (plus the convex solves of ``"crc"``).
         use_estimate: certify with the power-iteration estimate instead of the proven bound (for
             reproducing papers; the certificate is then marked ``sound=False``).
+        method: ``"lipschitz"`` (margins over the Lipschitz constants ``K``) or ``"crc"``
+            (CRC-Lip, :mod:`certify_fx.crc`: for a model whose classifier is a
+            :class:`~certify_fx.nn.SoftplusMLP`; each class keeps the larger of its two proven radii).
+        crc_classes: with ``"crc"``, solve for the ``crc_classes`` classes nearest by the Lipschitz
+            radius only (the others keep their Lipschitz radius; sound either way). All if None.
 
     Raises:
         ValueError: the bound is not proven (``bound.sound`` False) and ``use_estimate`` is False.
         StaleBoundError: ``bound`` was computed for another input shape, other weights or another
             structure than ``model`` has now.
-        CertifyFxError: ``eps`` is not a finite number >= 0, or the logits are half/bfloat16.
+        CertifyFxError: ``eps`` is not a finite number >= 0, the logits are half/bfloat16, an
+            unknown ``method``, or ``"crc"`` for a model without a softplus MLP classifier.
     """
     eps = check_eps(eps)
     input_shape = tuple(x.shape[1:])
+    if method not in CERTIFICATE_METHODS:
+        raise CertifyFxError(f"unknown certificate method {method!r}; choose one of {', '.join(CERTIFICATE_METHODS)}")
+    if method == "crc":
+        return _certify_crc(model, x, eps, bound, crc_classes, use_estimate)
+    if isinstance(bound, CurvatureBound):
+        bound = bound.lipschitz
     if bound is None:
         bound = BoundCompiler(model, input_shape).sound_bound(estimate_steps=100 if use_estimate else 0)
     else:
         check_bound(model, bound, input_shape)
-    if not use_estimate and not bound.sound:
-        reason = "it is not finite (NaN/inf weights?)" if not bound.finite else "not every factor is proven"
-        raise UnprovenBoundError(f"the Lipschitz bound is not proven ({reason}; bound.sound is False); refusing "
-                                 "to certify. Pass use_estimate=True to certify with estimates")
+    _check_proven(bound.sound, bound.finite, use_estimate)
     margin = bound.estimate if use_estimate else bound.margin
     with torch.inference_mode():
         logits = model(x)
-    if not isinstance(logits, torch.Tensor) or logits.shape != (x.shape[0], bound.num_classes):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise StaleBoundError(f"the model returned logits of shape {shape} for {x.shape[0]} inputs; the bound is for "
-                              f"(batch, {bound.num_classes}) logits")
+    _check_logits(logits, x, bound.num_classes)
     pred, radius = certified_radius(logits, margin)
     return Certificate(pred, radius, float(eps), sound=not use_estimate)
+
+
+#: The certificate kinds :func:`certify` computes.
+CERTIFICATE_METHODS = ("lipschitz", "crc")
+
+
+def _check_proven(sound: bool, finite: bool, use_estimate: bool) -> None:
+    if not use_estimate and not sound:
+        reason = "it is not finite (NaN/inf weights?)" if not finite else "not every factor is proven"
+        raise UnprovenBoundError(f"the Lipschitz bound is not proven ({reason}; bound.sound is False); refusing "
+                                 "to certify. Pass use_estimate=True to certify with estimates")
+
+
+def _check_logits(logits: object, x: torch.Tensor, num_classes: int) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.shape != (x.shape[0], num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise StaleBoundError(f"the model returned logits of shape {shape} for {x.shape[0]} inputs; the bound is for "
+                              f"(batch, {num_classes}) logits")
+
+
+def _certify_crc(model: nn.Module, x: torch.Tensor, eps: float, bound: LipschitzBound | CurvatureBound | None,
+                 classes: int | None, use_estimate: bool) -> Certificate:
+    if use_estimate:
+        raise CertifyFxError("method='crc' certifies with proven constants only; use_estimate applies to 'lipschitz'")
+    input_shape = tuple(x.shape[1:])
+    head = crc_head(model)
+    if not isinstance(bound, CurvatureBound):
+        if bound is not None:
+            check_bound(model, bound, input_shape)
+        bound = curvature_bound(model, input_shape, lipschitz=bound)
+    check_bound(model, bound.lipschitz, input_shape)
+    _check_proven(bound.sound, bound.lipschitz.finite, False)
+    with torch.inference_mode():
+        features = model.forward_features(x)
+        logits = model.forward_head(features)  # timm's contract: model(x) == forward_head(forward_features(x))
+    _check_logits(logits, x, bound.lipschitz.num_classes)
+    pred, pairs = pair_radii(logits, bound.lipschitz.margin)
+    m = pairs.shape[1]
+    if m > 1:
+        k = m - 1 if classes is None else max(1, min(int(classes), m - 1))
+        nearest = pairs.nan_to_num(nan=0.0).topk(k, dim=1, largest=False).indices  # pred (inf) is never chosen
+        curved = curvature_radius(head, features.flatten(1), pred, bound.lower, bound.upper, nearest)
+        curved = torch.where(pairs.gather(1, nearest) > 0, curved / bound.features, 0.0)  # the gap must be positive
+        pairs = pairs.scatter(1, nearest, torch.maximum(pairs.gather(1, nearest), curved))
+    return Certificate(pred, _smallest(pairs), float(eps))
 
 
 def verified_robust_accuracy(

@@ -35,6 +35,7 @@ examples:
   certify-fx certify runs/fmnist/checkpoint.pt --eps 0.1,0.2,0.5 --plot curve.png
   certify-fx certify runs/fmnist/checkpoint.pt --json           {"clean_accuracy", "vra", "bound", "seconds"}
   certify-fx certify fm.pt --data fashion_mnist                 a model saved by `certify-fx convert -o fm.pt`
+  certify-fx certify runs/fashion_mnist_lipconvnet_crc/checkpoint.pt --method crc   the CRC-Lip certificate
   certify-fx certify liresnet_l6w32 --weights w.safetensors --num-classes 10 --in-chans 1 \
       --kwarg img_size=28 --data fashion_mnist                  a model name and a weights file
 """
@@ -99,6 +100,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from certify_fx.progress import progress_display
     from certify_fx.errors import RecipeError
     from certify_fx.train import Recipe, build_split, evaluate_certified
+    from certify_fx.train.builders import recipe_dataset_info
 
     if args.plot:
         require_matplotlib()  # before minutes of certification, not after
@@ -117,34 +119,41 @@ def cmd_certify(args: argparse.Namespace) -> int:
     eps = args.eps or recipe.eval_eps
     console = Console(stderr=args.json)
     data_name = args.data or recipe.data.name
-    shape = dataset_info(data_name).input_shape
+    shape = (recipe_dataset_info(recipe) if args.data is None else dataset_info(data_name)).input_shape
     if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(shape):
         raise RecipeError(f"--data {data_name} has inputs {shape}, but the model takes {tuple(loaded.input_shape)}")
     dataset = build_split(recipe, "test", name=args.data)  # a missing dataset fails before the bound
     start = time.perf_counter()
     with progress_display() as progress:  # on stderr: stdout stays clean for --json
-        bound = cfx.bound(model, shape, estimate_steps=0, progress=progress)
+        if args.method == "crc":
+            bound = cfx.curvature_bound(model, shape, progress=progress)
+            margin_bound = bound.lipschitz
+        else:
+            bound = margin_bound = cfx.bound(model, shape, estimate_steps=0, progress=progress)
         bound_seconds = time.perf_counter() - start
         with torch.inference_mode():
             result = evaluate_certified(model, bound, dataset, eps, recipe.data.eval_batch_size, keep_radii=True,
-                                        progress=progress)
+                                        progress=progress, crc_classes=args.crc_classes)
     seconds = time.perf_counter() - start
     summary = {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
-               "bound": bound.margin.max().item(), "seconds": seconds,
+               "bound": margin_bound.margin.max().item(), "seconds": seconds,
                "bound_seconds": bound_seconds, "count": result.count, "sound": bound.sound,
-               "model": loaded.name, "data": data_name}
+               "model": loaded.name, "data": data_name, "method": args.method}
     if args.plot:
         plot_certified_accuracy(result.radii, args.plot, eps, f"{summary['model']} on {summary['data']}")
     if args.json:
         print(json.dumps(summary))
         return 0
-    table = Table(title=f"{loaded.name} on {data_name} test ({result.count} images), proven bound")
+    kind = "CRC-Lip certificate" if args.method == "crc" else "proven bound"
+    table = Table(title=f"{loaded.name} on {data_name} test ({result.count} images), {kind}")
     for col in ("metric", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
     table.add_row("clean accuracy", f"{result.clean_accuracy:.4f}")
     for e, v in result.vra.items():
         table.add_row(f"VRA @ eps={e:.4g}", f"{v:.4f}")
     table.add_row("max K\\[i, j] (sound)", f"{summary['bound']:.4f}")
+    if args.method == "crc":
+        table.add_row("Lipschitz of features (sound)", f"{bound.features:.6f}")
     table.add_row("bound seconds", f"{bound_seconds:.2f}")
     table.add_row("total seconds", f"{seconds:.2f}")
     console.print(table)
@@ -224,6 +233,13 @@ def add_parsers(sub) -> None:
     c.add_argument("--eps", type=eps_list_argument, default=None, metavar="E1,E2",
                    help="radii to report VRA at (default: the recipe's eps.evaluate)")
     c.add_argument("--limit", type=int, default=None, help="certify only the first N test images")
+    c.add_argument("--method", choices=("lipschitz", "crc"), default="lipschitz",
+                   help="certificate: 'lipschitz' (margins over K, default) or 'crc' (CRC-Lip, for models whose "
+                        "classifier is a softplus MLP, e.g. lipconvnet_5 with head=mlp: a per-input convex "
+                        "problem; each class keeps the larger of the two proven radii)")
+    c.add_argument("--crc-classes", type=int, default=None, metavar="K",
+                   help="with --method crc, solve only for the K classes nearest by the Lipschitz radius (the "
+                        "others keep their Lipschitz radius: still sound, faster with many classes)")
     c.add_argument("--json", action="store_true",
                    help="print JSON with keys clean_accuracy, vra {eps: value}, bound, seconds")
     c.add_argument("--plot", default=None, metavar="PNG", help="draw certified accuracy against radius")

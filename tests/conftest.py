@@ -69,16 +69,29 @@ def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
     return best
 
 
-def pgd_l2(model, x, pred, eps, steps=40):
-    """Untargeted l2 PGD maximising the best wrong-class margin within the eps-ball."""
-    delta = torch.zeros_like(x, requires_grad=True)
-    for _ in range(steps):
-        out = model(x + delta)
-        own = out.gather(1, pred[:, None])[:, 0]
-        other = out.scatter(1, pred[:, None], -torch.inf).amax(1)
-        (g,) = torch.autograd.grad((other - own).sum(), delta)
+def pgd_l2(model, x, pred, eps, steps=40, restarts=0, seed=0):
+    """Untargeted l2 PGD maximising the best wrong-class margin within the eps-ball (``eps`` a
+    number or one radius per input); ``restarts`` more runs from random points of the ball.
+    Returns the predictions at the last point of each run: (restarts + 1, N)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    radius = torch.as_tensor(eps, dtype=x.dtype).reshape(shape)
+    generator = torch.Generator().manual_seed(seed)
+    found = []
+    for run in range(restarts + 1):
+        start = torch.zeros_like(x)
+        if run:
+            start = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            start *= radius * torch.rand(len(x), generator=generator).reshape(shape) / start.flatten(1).norm(dim=1).reshape(shape)
+        delta = start.requires_grad_(True)
+        for _ in range(steps):
+            out = model(x + delta)
+            own = out.gather(1, pred[:, None])[:, 0]
+            other = out.scatter(1, pred[:, None], -torch.inf).amax(1)
+            (g,) = torch.autograd.grad((other - own).sum(), delta)
+            with torch.no_grad():
+                delta += 2.5 * radius / steps * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(shape)
+                norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(shape)
+                delta *= torch.clamp(radius / norm, max=1.0)
         with torch.no_grad():
-            delta += 2.5 * eps / steps * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            delta *= torch.clamp(eps / norm, max=1.0)
-    return model(x + delta).argmax(1)
+            found.append(model(x + delta).argmax(1))
+    return found[0] if restarts == 0 else torch.stack(found)

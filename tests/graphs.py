@@ -91,6 +91,11 @@ def _(r):
     return (lambda x, m: m(x)), layer
 
 
+@op("smooth_softplus", "activations.smooth_softplus_module")
+def _(r):
+    return (lambda x, m: m(3 * x)), cnn.SmoothSoftplus()
+
+
 @op("one_lipschitz", "activations.one_lipschitz")
 def _(r):
     fn = r.choice([torch.tanh, F.tanh, torch.abs, F.softsign, F.logsigmoid])

@@ -629,28 +629,45 @@ class BoundCompiler(nn.Module):
         return margin
 
     # -- evaluation ------------------------------------------------------------------------
-    def _run(self, norm, margin, progress: ProgressLike | None = None) -> tuple[Evaluator, tuple]:
+    def _run(self, norm, margin, progress: ProgressLike | None = None) -> tuple[Evaluator, Any]:
+        """Evaluate the graph; returns the evaluator and the output (the margin tuple of logits,
+        or the output value itself when ``margin`` is None)."""
         on_node = task = None
         if progress is not None:
             task = progress.add_task("bound", total=len(self.graph_module.graph.nodes), info="")
             on_node = lambda node: progress.update(task, advance=1, info=node.name)  # noqa: E731
-        evaluator = Evaluator(self.graph_module, self._recording, norm, margin, on_node=on_node)
+        evaluator = Evaluator(self.graph_module, self._recording, norm, margin, logits=margin is not None,
+                              on_node=on_node)
         try:
-            evaluator.run(torch.empty(0))  # the placeholder value is never used
+            output = evaluator.run(torch.empty(0))  # the placeholder value is never used
         finally:
             if task is not None:
                 progress.remove_task(task)
-        return evaluator, evaluator.output_margin
+        return evaluator, (evaluator.output_margin if margin is not None else output)
+
+    def _check_structure(self) -> Fingerprint:
+        fingerprint = model_fingerprint(self.model)
+        if fingerprint.structure != self.structure:
+            raise CertifyFxError("the model's structure changed since it was traced (a replaced submodule, a "
+                                 "changed attribute, a hook); compile it again")
+        return fingerprint
+
+    @torch.no_grad()
+    def output_lipschitz(self, estimate_steps: int = 0, tol: float = 1e-6,
+                         progress: ProgressLike | None = None) -> Lipschitz:
+        """A proven bound on the l2 Lipschitz constant of the whole output, of any shape (a feature
+        extractor's, say), with a power-iteration estimate when ``estimate_steps`` > 0."""
+        self._check_structure()
+        evaluator, output = self._run(self._sound_norm(estimate_steps, tol), None, progress)
+        lip = evaluator.lipschitz_of(output, "output")
+        return lip if math.isfinite(lip.bound) else Lipschitz(lip.bound, lip.estimate, False, lip.method)
 
     @torch.no_grad()
     def sound_bound(self, estimate_steps: int = 100, tol: float = 1e-6,
                     progress: ProgressLike | None = None) -> LipschitzBound:
         """The proven bound (and a power-iteration estimate with ``estimate_steps`` iterations);
         ``progress`` (see :func:`certify_fx.progress.progress_display`) shows one step per node."""
-        fingerprint = model_fingerprint(self.model)
-        if fingerprint.structure != self.structure:
-            raise CertifyFxError("the model's structure changed since it was traced (a replaced submodule, a "
-                                 "changed attribute, a hook); compile it again")
+        fingerprint = self._check_structure()
         norm = self._sound_norm(estimate_steps, tol)
         evaluator, (margin, estimate, penultimate, sound) = self._run(norm, self._margin_fn(True, norm), progress)
         margin = margin.clone()

@@ -20,22 +20,27 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .cll import calibrated_sigma, cll
+from .crc_lip import crc_lip, curvature_penalty
 from .cross_entropy import cross_entropy
 from .emma import emma
 from .gloro import gloro_ce, gloro_logits, trades
 
 __all__ = [
+    "CONTEXT_ARGUMENTS",
     "LOSSES",
     "MARGIN_FREE_LOSSES",
     "Loss",
     "calibrated_sigma",
     "cll",
+    "crc_lip",
     "create_loss",
     "cross_entropy",
+    "curvature_penalty",
     "emma",
     "gloro_ce",
     "gloro_logits",
     "loss_options",
+    "needs_features",
     "trades",
 ]
 
@@ -52,10 +57,15 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "trades": trades,
     "emma": emma,
     "cll": cll,
+    "crc_lip": crc_lip,
 }
 
 #: Losses that ignore the margin matrix: training them needs no Lipschitz bound (plain baselines).
-MARGIN_FREE_LOSSES = frozenset({"ce"})
+MARGIN_FREE_LOSSES = frozenset({"ce", "crc_lip"})
+
+#: Keyword arguments the trainer supplies (not recipe options): a loss that declares ``features``
+#: gets the classifier's input and ``head`` the classifier (CRC-Lip trains on the head's input).
+CONTEXT_ARGUMENTS = frozenset({"features", "head"})
 
 
 def loss_options(name: str) -> dict[str, Any]:
@@ -64,7 +74,13 @@ def loss_options(name: str) -> dict[str, Any]:
     fn = LOSSES[name]
     hints = typing.get_type_hints(fn)
     params = list(inspect.signature(fn).parameters.values())[4:]
-    return {p.name: hints.get(p.name, Any) for p in params if p.kind is not p.VAR_KEYWORD}
+    return {p.name: hints.get(p.name, Any) for p in params
+            if p.kind is not p.VAR_KEYWORD and p.name not in CONTEXT_ARGUMENTS}
+
+
+def needs_features(name: str) -> bool:
+    """Whether loss ``name`` trains on the classifier's input (it declares ``features``)."""
+    return "features" in inspect.signature(LOSSES[name]).parameters
 
 
 def create_loss(name: str, **options: Any) -> Loss:

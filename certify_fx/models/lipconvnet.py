@@ -4,7 +4,9 @@ A stem SOC (``in_chans -> width``) with MaxMin, then 5 LipBlocks; block ``b`` on
 runs ``n/5 - 1`` SOC + MaxMin layers, then a strided SOC (space-to-depth by 2, ``4q -> 4q``) and a
 pooling that halves the channels (``max`` of channel pairs, or ``projection`` pooling), so every
 block halves the resolution and doubles the channels: 32x32x32 -> ... -> 1024x1x1 on 32x32 inputs.
-28x28 inputs are zero-padded to 32x32 first (an isometry). The head is an LLN linear layer.
+28x28 inputs are zero-padded to 32x32 first (an isometry). The head is an LLN linear layer (the
+Lipschitz certificate) or a 1-hidden-layer softplus MLP (``head="mlp"``, the CRC-Lip certificate,
+``certify(..., method="crc")``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import SOC, LLNLinear, MinMax, Normalize, ProjectionPool2d
+from ..nn import SOC, LLNLinear, MinMax, Normalize, ProjectionPool2d, SoftplusMLP
 from ._classifier import TimmClassifier
 from ._registry import register_family
 
@@ -40,11 +42,15 @@ class LipConvnet(TimmClassifier):
         width: channels after the stem (32 in the paper; smaller for CPU runs).
         pool: ``"max"`` (the paper's baseline) or ``"projection"`` (projection pooling).
         train_terms, eval_terms: Taylor terms of every SOC in training and at evaluation.
+        head: ``"lln"`` (LLN linear classifier) or ``"mlp"`` (:class:`SoftplusMLP`, for CRC-Lip).
+        head_hidden: hidden width of the ``"mlp"`` head (the feature count if omitted).
+        fast_gradients: every SOC uses the paper's faster kernel gradients (equation (5)).
     """
 
     def __init__(self, num_classes: int = 10, depth: int = 5, width: int = 32, in_chans: int = 3, img_size: int = 32,
-                 pool: str = "max", train_terms: int = 6, eval_terms: int = 12,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+                 pool: str = "max", train_terms: int = 6, eval_terms: int = 12, head: str = "lln",
+                 head_hidden: int | None = None, fast_gradients: bool = False, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
         super().__init__()
         if depth % 5 or depth < 5:
             raise ValueError(f"LipConvnet depth must be a multiple of 5, got {depth}")
@@ -52,7 +58,9 @@ class LipConvnet(TimmClassifier):
             raise ValueError(f"LipConvnet is sized for 28x28 or 32x32 inputs, got {img_size}")
         if pool not in ("max", "projection"):
             raise ValueError(f"pool must be 'max' or 'projection', got {pool!r}")
-        terms = dict(train_terms=train_terms, eval_terms=eval_terms)
+        if head not in ("lln", "mlp"):
+            raise ValueError(f"head must be 'lln' or 'mlp', got {head!r}")
+        terms = dict(train_terms=train_terms, eval_terms=eval_terms, fast_gradients=fast_gradients)
         self.depth, self.pad = depth, (32 - img_size) // 2
         self.normalize = Normalize(mean or [0.0] * in_chans, std or [1.0] * in_chans)
         layers: list[nn.Module] = [SOC(in_chans, width, **terms), MinMax()]
@@ -64,7 +72,9 @@ class LipConvnet(TimmClassifier):
             layers.append(PairMax() if pool == "max" else ProjectionPool2d(4 * channels))
             channels *= 2
         self.features = nn.Sequential(*layers)
-        self._init_classifier(LLNLinear(channels, num_classes), (in_chans, img_size, img_size), num_classes)
+        classifier = (LLNLinear(channels, num_classes) if head == "lln"
+                      else SoftplusMLP(channels, num_classes, hidden_features=head_hidden))
+        self._init_classifier(classifier, (in_chans, img_size, img_size), num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)

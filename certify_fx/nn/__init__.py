@@ -1,5 +1,5 @@
 """Lipschitz layers: activations, per-channel affine, LiResNet block, skew-orthogonal convolution,
-projection pooling, token mixing and the LLN head."""
+projection pooling, token mixing, the LLN head and the CRC-Lip softplus head."""
 
 from .activations import GroupSort, HouseHolder, MinMax
 from .affine import Affine
@@ -10,7 +10,8 @@ from .normalize import Normalize
 from .projection_pool import ProjectionPool2d
 from .resnet_block import ResNetBlock
 from .soc import SOC
+from .softplus_mlp import SmoothSoftplus, SoftplusMLP
 from .token_mixing import TokenMixing
 
 __all__ = ["Affine", "GroupSort", "HouseHolder", "LLNLinear", "LiResNetBlock", "LinearBottleneck", "MinMax", "Normalize",
-           "ProjectionPool2d", "ResNetBlock", "SOC", "TokenMixing"]
+           "ProjectionPool2d", "ResNetBlock", "SOC", "SmoothSoftplus", "SoftplusMLP", "TokenMixing"]

@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..bounds.compiler import LipschitzBound
-from ..certify import certified_radius, check_bound, check_input_shape
+from ..certify import certified_radius, certify, check_bound, check_input_shape
+from ..crc import CurvatureBound
 from .distributed import DistributedContext, all_reduce_sum
 
 __all__ = ["CertifiedEvaluation", "evaluate_certified"]
@@ -32,15 +33,19 @@ class CertifiedEvaluation:
 
 
 @torch.no_grad()
-def evaluate_certified(model: nn.Module, bound: LipschitzBound | None, dataset: Dataset, eps: list[float],
-                       batch_size: int = 1000, ctx: DistributedContext | None = None,
-                       keep_radii: bool = False, progress=None) -> CertifiedEvaluation:
-    """Certify every point of ``dataset`` with ``bound.margin`` (refuses an unproven bound).
+def evaluate_certified(model: nn.Module, bound: LipschitzBound | CurvatureBound | None, dataset: Dataset,
+                       eps: list[float], batch_size: int = 1000, ctx: DistributedContext | None = None,
+                       keep_radii: bool = False, progress=None, crc_classes: int | None = None) -> CertifiedEvaluation:
+    """Certify every point of ``dataset`` with ``bound.margin`` (refuses an unproven bound), or
+    with CRC-Lip when ``bound`` is a :class:`~certify_fx.crc.CurvatureBound`.
 
     Each process takes every ``world_size``-th point; counts are summed over processes. Without a
     ``bound`` (a model that cannot be bounded, e.g. a plain ViT) nothing is certified: radii are 0
-    and only the clean accuracy is measured.
+    and only the clean accuracy is measured. ``crc_classes``: see :func:`certify_fx.certify`.
     """
+    curvature = bound if isinstance(bound, CurvatureBound) else None
+    if curvature is not None:
+        bound = curvature.lipschitz
     if bound is not None and not bound.sound:
         raise ValueError("the bound is not proven for every factor; refusing to report VRA")
     ctx = ctx or DistributedContext()
@@ -60,6 +65,9 @@ def evaluate_certified(model: nn.Module, bound: LipschitzBound | None, dataset: 
         if bound is None:
             pred = model(x).argmax(1)
             radius = torch.zeros(len(y), dtype=torch.float64, device=ctx.device)
+        elif curvature is not None:
+            cert = certify(model, x, 0.0, curvature, method="crc", crc_classes=crc_classes)
+            pred, radius = cert.pred, cert.radius
         else:
             check_input_shape(bound, tuple(x.shape[1:]))
             pred, radius = certified_radius(model(x), margin)

@@ -94,7 +94,10 @@ class OptimConfig:
     opt: str = "lookahead_nadam"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "cosine"  #: cosine | constant
+    schedule: str = "cosine"  #: cosine | constant | multistep
+    #: multistep: epochs at which the learning rate is multiplied by ``decay_rate``
+    decay_milestones: list[float] = field(default_factory=list)
+    decay_rate: float = 0.1
     warmup_epochs: float = 20.0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
@@ -204,7 +207,8 @@ def _validate(r: Recipe) -> None:
         (r.loss.name in LOSSES, "loss.name", r.loss.name, list(LOSSES)),
         (r.eps.schedule in ("liresnet", "linear", "log", "fixed"), "eps.schedule", r.eps.schedule,
          ["liresnet", "linear", "log", "fixed"]),
-        (r.optim.schedule in ("cosine", "constant"), "optim.schedule", r.optim.schedule, ["cosine", "constant"]),
+        (r.optim.schedule in ("cosine", "constant", "multistep"), "optim.schedule", r.optim.schedule,
+         ["cosine", "constant", "multistep"]),
         (r.device in ("auto", "cpu", "cuda"), "device", r.device, ["auto", "cpu", "cuda"]),
         (r.model.convert in (*TARGETS, "none"), "model.convert", r.model.convert, [*TARGETS, "none"]),
     ]

@@ -22,7 +22,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -31,7 +31,7 @@ from ..bounds import bound as bound_model
 from ..certify import GloRo
 from ..errors import RecipeError, UnsupportedNodeError
 from ..files import atomic_write_text
-from ..losses import MARGIN_FREE_LOSSES, create_loss
+from ..losses import MARGIN_FREE_LOSSES, create_loss, needs_features
 from ..progress import ProgressLike, progress_display
 from .builders import build_model, build_split, recipe_dataset_info
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -49,21 +49,28 @@ __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "Trainer", "TrainingInterrupted", "tra
 class LogitsAndMargin(nn.Module):
     """What DDP wraps: one forward gives the logits and the differentiable margin matrix, so the
     gradients of both reach the same (synchronised) parameters. Without ``gloro`` (a loss that
-    ignores the margin, e.g. plain cross-entropy) the margin is ``None``."""
+    ignores the margin, e.g. plain cross-entropy) the margin is ``None``. With ``features`` (a loss
+    that trains on the classifier's input, CRC-Lip) the third output is that input, else ``None``."""
 
-    def __init__(self, model: nn.Module, gloro: GloRo | None, autocast: bool) -> None:
+    def __init__(self, model: nn.Module, gloro: GloRo | None, autocast: bool, features: bool = False) -> None:
         super().__init__()
-        self.model, self.gloro, self.autocast = model, gloro, autocast
+        self.model, self.gloro, self.autocast, self.features = model, gloro, autocast, features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        features = None
         with amp:
-            logits = self.model(x)
+            if self.features:
+                features = self.model.forward_features(x)
+                logits = self.model.forward_head(features)
+            else:
+                logits = self.model(x)
+        features = features.float() if features is not None else None
         if self.gloro is None:
-            return logits.float(), None
+            return logits.float(), None, features
         with torch.autocast(x.device.type, enabled=False):
             margin = self.gloro.margin()  # the bound always in fp32
-        return logits.float(), margin
+        return logits.float(), margin, features
 
 
 # Keys that may change on resume without changing the result of the run.
@@ -122,7 +129,12 @@ class Trainer:
         self.model = build_model(recipe, source_weights=state is None, trust_source=trust_source).to(device)
         self.gloro = (GloRo(self.model, recipe.eps.eps, self.info.input_shape, recipe.bound.power_steps)
                       if recipe.loss.name not in MARGIN_FREE_LOSSES else None)
-        self.net = LogitsAndMargin(self.model, self.gloro, autocast=recipe.amp and device.type == "cuda")
+        self.head_loss = needs_features(recipe.loss.name)
+        if self.head_loss and not callable(getattr(self.model, "forward_features", None)):
+            raise RecipeError(f"loss {recipe.loss.name} trains on the classifier's input: the model needs timm's "
+                              "forward_features / forward_head / get_classifier (e.g. lipconvnet_5 with head: mlp)")
+        self.net = LogitsAndMargin(self.model, self.gloro, autocast=recipe.amp and device.type == "cuda",
+                                   features=self.head_loss)
         self.loss_fn = create_loss(recipe.loss.name)
 
         self.train_set, self.test_set = build_split(recipe, "train"), build_split(recipe, "test")
@@ -148,6 +160,9 @@ class Trainer:
         common = dict(warmup_t=warmup, warmup_lr_init=o.warmup_lr, t_in_epochs=False)
         if o.schedule == "cosine":
             self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=o.min_lr, **common)
+        elif o.schedule == "multistep":
+            milestones = [round(e * self.steps_per_epoch) for e in o.decay_milestones]
+            self.scheduler = MultiStepLRScheduler(self.optimizer, decay_t=milestones, decay_rate=o.decay_rate, **common)
         else:
             self.scheduler = StepLRScheduler(self.optimizer, decay_t=total + 1, decay_rate=1.0, **common)
         self.ddp = (DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -257,8 +272,9 @@ class Trainer:
                 t = epoch + i / self.steps_per_epoch
                 eps_t = eps_schedule(r.eps.schedule, r.eps.eps, t, r.epochs, r.eps.start, r.eps.train_multiplier,
                                      r.eps.ramp_fraction)
-                logits, margin = self.ddp(x)
-                loss = self.loss_fn(logits, y, margin, eps_t, **self._loss_options(t))
+                logits, margin, features = self.ddp(x)
+                context = {"features": features, "head": self.model.get_classifier()} if self.head_loss else {}
+                loss = self.loss_fn(logits, y, margin, eps_t, **context, **self._loss_options(t))
                 loss_value = loss.item()  # the one host sync for the loss per step
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "

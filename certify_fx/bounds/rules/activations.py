@@ -286,6 +286,11 @@ def group_sort_module(ev, module, input):
     return ev.nonlinear(input, 1.0)
 
 
+@register_module_rule(cnn.SmoothSoftplus)
+def smooth_softplus_module(ev, module, input):
+    return ev.nonlinear(input, 1.0)  # derivative sigmoid(t) in (0, 1)
+
+
 @register_module_rule(cnn.HouseHolder)
 def householder_module(ev, module, input):
     # identity or a reflection per channel pair, agreeing on the mirror: 1-Lipschitz
