@@ -24,6 +24,7 @@ from .bounds import (
 )
 from .certify import Certificate, GloRo, bottom_logit, certified_radius, certify, check_bound, verified_robust_accuracy
 from .crc import CurvatureBound, curvature_bound
+from .audit import AuditReport, audit
 from .errors import (
     CertifyFxError,
     CheckpointError,
@@ -47,6 +48,7 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
 __all__ = [
+    "AuditReport",
     "BoundCompiler",
     "Certificate",
     "CertifyFxError",
@@ -64,6 +66,7 @@ __all__ = [
     "StaleBoundError",
     "TraceError",
     "UnsupportedNodeError",
+    "audit",
     "bottom_logit",
     "bound",
     "certified_radius",

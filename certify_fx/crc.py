@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from .bounds.compiler import BoundCompiler, LipschitzBound
+from .bounds.dependence import forward_hooks
 from .bounds.norms import SAFETY
 from .errors import CertifyFxError
-from .nn.softplus_mlp import SOFTPLUS_CURVATURE, SoftplusMLP
+from .models._classifier import TimmClassifier
+from .nn.softplus_mlp import SOFTPLUS_CURVATURE, SmoothSoftplus, SoftplusMLP
 
 if TYPE_CHECKING:
     from .progress import ProgressLike
@@ -78,14 +80,36 @@ class _Features(nn.Module):
 
 
 def crc_head(model: nn.Module) -> SoftplusMLP:
-    """The model's :class:`SoftplusMLP` classifier; a clear error for a model without one."""
+    """The model's :class:`SoftplusMLP` classifier, once it is certain that ``model(x)`` is exactly
+    ``head(model.forward_features(x))``; a clear error otherwise.
+
+    That identity is what makes the certificate of the head one of the model, so it is checked on
+    the code, not on an example: a zoo model (:class:`~certify_fx.models.TimmClassifier`) whose
+    class keeps the base ``forward`` and ``forward_head``, and a head that is exactly ``Linear ->
+    SmoothSoftplus -> Linear`` with no forward hooks.
+    """
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
-    if not isinstance(head, SoftplusMLP) or not callable(getattr(model, "forward_features", None)):
+    if not isinstance(head, SoftplusMLP):
         found = type(head).__name__ if head is not None else "no get_classifier()"
-        raise CertifyFxError(f"method='crc' certifies models h(forward_features(x)) whose get_classifier() is a "
-                             f"certify_fx.nn.SoftplusMLP; {type(model).__name__} has {found} (e.g. "
-                             "create_model('lipconvnet_5', head='mlp'))")
+        raise CertifyFxError(f"method='crc' certifies models whose get_classifier() is a certify_fx.nn.SoftplusMLP; "
+                             f"{type(model).__name__} has {found} (e.g. create_model('lipconvnet_5', head='mlp'))")
+    cls = type(model)
+    if not (isinstance(model, TimmClassifier) and cls.forward is TimmClassifier.forward
+            and cls.forward_head is TimmClassifier.forward_head):
+        raise CertifyFxError(f"method='crc' needs model(x) == get_classifier()(forward_features(x)) by construction: a "
+                             f"certify_fx.models.TimmClassifier that keeps its forward and forward_head; "
+                             f"{cls.__name__} does not")
+    parts = {"head": head, "head.fc1": head.fc1, "head.act": head.act, "head.fc2": head.fc2}
+    exact = (type(head).forward is SoftplusMLP.forward and type(head.fc1) is nn.Linear
+             and type(head.fc2) is nn.Linear and type(head.act) is SmoothSoftplus)
+    if not exact:
+        raise CertifyFxError("method='crc' needs the head to be exactly Linear -> SmoothSoftplus -> Linear; found "
+                             + ", ".join(f"{name}: {type(m).__name__}" for name, m in parts.items()))
+    hooked = [name for name, m in parts.items() if forward_hooks(m)]
+    if hooked:
+        raise CertifyFxError(f"method='crc': {hooked[0]} has a forward hook, which the curvature bound does not "
+                             "cover; remove it (handle.remove())")
     return head
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .errors import CertifyFxError
 
-__all__ = ["plot_certified_accuracy", "require_matplotlib"]
+__all__ = ["plot_certification_gap", "plot_certified_accuracy", "require_matplotlib"]
 
 
 def require_matplotlib() -> None:
@@ -19,16 +19,47 @@ def require_matplotlib() -> None:
         raise CertifyFxError("plotting needs matplotlib, an optional dependency: pip install 'certify-fx[plot]'")
 
 
-def plot_certified_accuracy(radii: torch.Tensor, path: str | Path, eps: Sequence[float] = (),
-                            title: str = "") -> Path:
-    """Draw certified accuracy against the l2 radius (the fraction of points whose certified radius
-    exceeds it; a wrong prediction counts as radius 0), with ``eps`` marked, to a PNG."""
+def _pyplot():
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, ax, path: str | Path, title: str) -> Path:
+    ax.set_xlabel("l2 radius")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_certification_gap(vra: dict[float, float], empirical: dict[float, float], path: str | Path,
+                           title: str = "") -> Path:
+    """Draw VRA (a lower bound on robust accuracy) and empirical robust accuracy under attack (an
+    upper bound) against the radius: the space between them is the certification gap."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(list(empirical), list(empirical.values()), marker="o", label="empirical robust accuracy (attacks)")
+    ax.plot(list(vra), list(vra.values()), marker="o", label="VRA (certified)")
+    ax.fill_between(list(vra), list(vra.values()), list(empirical.values()), alpha=0.15)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, ax, path, title)
+
+
+def plot_certified_accuracy(radii: torch.Tensor, path: str | Path, eps: Sequence[float] = (),
+                            title: str = "") -> Path:
+    """Draw certified accuracy against the l2 radius (the fraction of points whose certified radius
+    exceeds it; a wrong prediction counts as radius 0), with ``eps`` marked, to a PNG."""
+    plt = _pyplot()
     finite = radii[torch.isfinite(radii)]
     top = max(max(eps, default=0.0) * 2, float(finite.max()) if len(finite) else 0.0, 1e-3)
     grid = torch.linspace(0, top, 400)
@@ -37,13 +68,5 @@ def plot_certified_accuracy(radii: torch.Tensor, path: str | Path, eps: Sequence
     ax.plot(grid.numpy(), curve, label="certified accuracy")
     for e in eps:
         ax.axvline(e, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("l2 radius")
     ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, path, title)

@@ -30,6 +30,7 @@ examples:
   certify-fx demo                                   bound and certify a small LiResNet
   certify-fx train recipes/fashion_mnist.yaml       train a LiResNet with EMMA on Fashion-MNIST
   certify-fx certify runs/fmnist/checkpoint.pt      clean accuracy and VRA of a trained checkpoint
+  certify-fx audit runs/fmnist/checkpoint.pt        attack certified points, certification gap, K tightness
 """
 
 
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_parsers
 
     add_parsers(sub)
+    from .audit import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 

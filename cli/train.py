@@ -95,34 +95,19 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     import certify_fx as cfx
-    from certify_fx.data import dataset_info
     from certify_fx.plots import plot_certified_accuracy, require_matplotlib
     from certify_fx.progress import progress_display
-    from certify_fx.errors import RecipeError
-    from certify_fx.train import Recipe, build_split, evaluate_certified
-    from certify_fx.train.builders import recipe_dataset_info
+    from certify_fx.train import evaluate_certified
+    from certify_fx.train.builders import evaluation_data
 
     if args.plot:
         require_matplotlib()  # before minutes of certification, not after
     loaded = load_from_args(args)
     model = loaded.model
-    if loaded.recipe is not None:
-        recipe = loaded.recipe
-    elif args.data is None:
-        raise RecipeError(f"{args.model} carries no dataset (only training checkpoints do): pass --data NAME")
-    else:
-        recipe = Recipe()
-        recipe.data.name = args.data
-    if args.root:
-        recipe.data.root = args.root
-    recipe.data.eval_subset = args.limit or recipe.data.eval_subset
+    test = evaluation_data(loaded, args.data, args.root, args.limit)  # a missing dataset fails before the bound
+    recipe, data_name, shape, dataset = test.recipe, test.name, test.input_shape, test.dataset
     eps = args.eps or recipe.eval_eps
     console = Console(stderr=args.json)
-    data_name = args.data or recipe.data.name
-    shape = (recipe_dataset_info(recipe) if args.data is None else dataset_info(data_name)).input_shape
-    if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(shape):
-        raise RecipeError(f"--data {data_name} has inputs {shape}, but the model takes {tuple(loaded.input_shape)}")
-    dataset = build_split(recipe, "test", name=args.data)  # a missing dataset fails before the bound
     start = time.perf_counter()
     with progress_display() as progress:  # on stderr: stdout stays clean for --json
         if args.method == "crc":

@@ -192,3 +192,29 @@ def test_a_crc_lip_recipe_trains_and_certifies_with_either_certificate(tmp_path)
     crc = json.loads(run_cli("certify", tmp_path / "checkpoint.pt", "--method", "crc", "--json").stdout)
     assert crc["method"] == "crc" and crc["clean_accuracy"] == lipschitz["clean_accuracy"]
     assert all(crc["vra"][e] >= v for e, v in lipschitz["vra"].items())
+
+
+def test_crc_refuses_a_model_whose_output_is_not_exactly_the_head_of_its_features():
+    def model(**changes):
+        m = LipConvnet(10, depth=5, width=4, in_chans=1, img_size=28, head="mlp").eval()
+        for name, value in changes.items():
+            setattr(m.head, name, value)
+        return m
+
+    x = torch.rand(2, 1, 28, 28)
+
+    class Scaled(LipConvnet):  # a forward that is not forward_head(forward_features(x))
+        def forward(self, x):
+            return 100 * super().forward(x)
+
+    with pytest.raises(CertifyFxError, match="by construction.*Scaled does not"):
+        certify_fx.certify(Scaled(10, depth=5, width=4, in_chans=1, img_size=28, head="mlp").eval(), x, 0.1,
+                           method="crc")
+    with pytest.raises(CertifyFxError, match="exactly Linear -> SmoothSoftplus -> Linear.*head.act: Softplus"):
+        certify_fx.certify(model(act=nn.Softplus()), x, 0.1, method="crc")
+    with pytest.raises(CertifyFxError, match="head.fc2: LLNLinear"):
+        certify_fx.certify(model(fc2=certify_fx.nn.LLNLinear(32 * 4, 10)), x, 0.1, method="crc")
+    hooked = model()
+    hooked.head.fc2.register_forward_hook(lambda mod, i, o: 100 * o)
+    with pytest.raises(CertifyFxError, match="head.fc2 has a forward hook"):
+        certify_fx.certify(hooked, x, 0.1, method="crc")

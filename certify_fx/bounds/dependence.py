@@ -26,7 +26,7 @@ from torch import nn
 
 from . import registry
 
-__all__ = ["Dependence", "input_dependence", "check_mutations", "check_hooks", "mutated_argument"]
+__all__ = ["Dependence", "input_dependence", "check_mutations", "check_hooks", "forward_hooks", "mutated_argument"]
 
 
 class Dependence(enum.IntEnum):
@@ -220,7 +220,8 @@ def _alias_class(target: fx.Node, at: fx.Node, gm: fx.GraphModule, order: dict) 
 # -- hooks -------------------------------------------------------------------------------------
 
 
-def _hooks(module: nn.Module) -> list[str]:
+def forward_hooks(module: nn.Module) -> list[str]:
+    """The kinds of forward hooks registered on ``module`` itself (not its children)."""
     kinds = []
     if getattr(module, "_forward_hooks", None):
         kinds.append("forward hook")
@@ -239,13 +240,13 @@ def check_hooks(model: nn.Module, gm: fx.GraphModule, fail: Callable[[fx.Node | 
         fail(None, "a global forward hook is registered (torch.nn.modules.module.register_module_forward_hook); "
                    "the traced graph does not run it", fix)
     for root in {id(model): model, id(gm): gm}.values():
-        kinds = _hooks(root)
+        kinds = forward_hooks(root)
         if kinds:
             fail(None, f"the model has a {kinds[0]}, which the traced graph does not run", fix)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             for path, sub in gm.get_submodule(node.target).named_modules():
-                kinds = _hooks(sub)
+                kinds = forward_hooks(sub)
                 if kinds:
                     where = f"its submodule '{path}'" if path else "the module"
                     fail(node, f"{where} has a {kinds[0]}, which the graph's rule for it does not run", fix)

@@ -292,9 +292,9 @@ class Trainer:
                 if margin is not None:
                     k_max = margin.detach().max().item()
                 if task is not None:
-                    progress.update(task, advance=1, info=f"loss {sums['loss_sum'] / sums['count']:.4f}  "
-                                                          f"acc {sums['correct'] / sums['count']:.3f}  "
-                                                          f"eps {eps_t:.3f}  K~{k_max:.2f}")
+                    info = (f"loss {sums['loss_sum'] / sums['count']:.4f}  acc {sums['correct'] / sums['count']:.3f}  "
+                            f"eps {eps_t:.3f}")
+                    progress.update(task, advance=1, info=info + (f"  K~{k_max:.2f}" if margin is not None else ""))
                 stopping = self.stop.requested()
                 periodic = r.checkpoint_every_steps and self.step % r.checkpoint_every_steps == 0
                 if (stopping or periodic) and i + 1 < self.steps_per_epoch:

@@ -1,0 +1,285 @@
+"""Evidence for a certificate: attacks inside certified radii, the certification gap, and how
+tight ``K`` is.
+
+:func:`audit` answers two questions about a model and its certificates on a dataset:
+
+* *Is the certificate right?* Every point certified at radius ``r`` is attacked inside the ball
+  of radius ``0.999 r`` by l2 PGD (restarts, a step schedule) and by a boundary-following attack
+  (Newton steps ``x <- x - m(x) grad m(x) / ||grad m(x)||^2`` on the smallest margin
+  ``m = f_pred - f_j``, projected onto the ball). Any change of the predicted class is a
+  *violation*: the certificate was false. There must be none.
+* *How much does it leave on the table?* At each ``eps``, the empirical robust accuracy (points
+  correct and not flipped by the attacks at ``eps``: an upper bound on the true robust accuracy)
+  next to the VRA (a lower bound), and, for the margins that decide most predictions, the proven
+  ``K[i, j]`` against a lower bound on the true Lipschitz constant of ``f_i - f_j`` found by
+  gradient ascent on ``||grad (f_i - f_j)||`` and secant slopes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .bounds.compiler import BoundCompiler, LipschitzBound
+from .bounds.values import NodeBound
+from .certify import certify, check_eps
+from .crc import CurvatureBound, curvature_bound
+
+if TYPE_CHECKING:
+    from .progress import ProgressLike
+
+__all__ = ["AuditReport", "MarginTightness", "Violation", "attack", "audit", "margin_lower_bound"]
+
+#: Attacks stay this fraction inside a certified radius (the radius itself is the boundary case).
+INSIDE = 0.999
+
+
+@dataclass
+class Violation:
+    """A point certified at ``radius`` whose prediction changed at l2 distance ``distance``."""
+
+    index: int
+    radius: float
+    distance: float
+    predicted: int
+    became: int
+
+
+@dataclass
+class MarginTightness:
+    """The proven ``K[i, j]`` next to a lower bound on the Lipschitz constant of ``f_i - f_j``."""
+
+    i: int
+    j: int
+    count: int  #: points whose prediction this margin decides (predicted i, runner-up j)
+    bound: float
+    lower: float
+
+    @property
+    def ratio(self) -> float:
+        """``bound / lower`` (>= 1 for a sound bound; 1 means exact)."""
+        return self.bound / self.lower if self.lower > 0 else math.inf
+
+
+@dataclass
+class AuditReport:
+    """What :func:`audit` found; ``to_dict()`` gives the ``--json`` keys."""
+
+    count: int
+    clean_accuracy: float
+    method: str
+    vra: dict[float, float]
+    empirical_robust_accuracy: dict[float, float]
+    violations: list[Violation]
+    k_tightness: list[MarginTightness]
+    nodes: list[NodeBound] = field(default_factory=list, repr=False)
+    radii: torch.Tensor | None = field(default=None, repr=False)  #: certified radius per point, 0 if wrong
+
+    @property
+    def sound(self) -> bool:
+        """No attack succeeded inside a certified radius."""
+        return not self.violations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count, "clean_accuracy": self.clean_accuracy, "method": self.method,
+            "violations": [asdict(v) for v in self.violations],
+            "vra": {str(e): v for e, v in self.vra.items()},
+            "empirical_robust_accuracy": {str(e): v for e, v in self.empirical_robust_accuracy.items()},
+            "k_tightness": [{**asdict(t), "ratio": t.ratio} for t in self.k_tightness],
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _worst_margin(model: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f_pred - max_{j != pred} f_j`` per input (negative where the prediction changed), and that ``j``."""
+    logits = model(x)
+    own = logits.gather(1, pred[:, None])[:, 0]
+    other = logits.scatter(1, pred[:, None], -torch.inf).max(1)
+    return own - other.values, other.indices
+
+
+def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.Tensor | float, *,
+           steps: int = 30, restarts: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Search the l2 ball of ``radius`` (one per input) around each ``x`` for another class.
+
+    PGD on the worst margin (step ``2.5 r / steps``, halved for the last third) from the centre and
+    from ``restarts`` random points, then the boundary-following attack from the best point found.
+    Returns ``(flipped, distance, became)``: whether the prediction changed, at what l2 distance,
+    and to which class (-1 where it did not).
+    """
+    radius = _expand(torch.as_tensor(radius, dtype=x.dtype, device=x.device).expand(len(x)), x)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    flipped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    distance = torch.full((len(x),), math.inf, dtype=torch.float64, device=x.device)
+    became = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    best = torch.zeros_like(x)
+    best_margin = torch.full((len(x),), math.inf, device=x.device)
+
+    def record(delta: torch.Tensor, margin: torch.Tensor, other: torch.Tensor) -> None:
+        nonlocal best, best_margin
+        hit = (margin < 0) & ~flipped
+        distance[hit] = delta[hit].flatten(1).norm(dim=1).double()
+        became[hit] = other[hit]
+        flipped.logical_or_(margin < 0)
+        better = margin < best_margin
+        best = torch.where(_expand(better, x), delta, best)
+        best_margin = torch.where(better, margin, best_margin)
+
+    def project(delta: torch.Tensor) -> torch.Tensor:
+        norm = _expand(delta.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+        return delta * (radius / norm).clamp(max=1.0)
+
+    for run in range(restarts + 1):
+        delta = torch.zeros_like(x)
+        if run:
+            noise = torch.randn(x.shape, generator=generator).to(x)
+            scale = torch.rand(len(x), generator=generator).to(x)
+            delta = project(noise * _expand(scale, x) * radius / _expand(noise.flatten(1).norm(dim=1), x))
+        for step in range(steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                margin, other = _worst_margin(model, x + delta, pred)
+                (grad,) = torch.autograd.grad(margin.sum(), delta)
+            with torch.no_grad():
+                record(delta.detach(), margin.detach(), other)
+                size = 2.5 * radius / steps * (0.5 if step >= 2 * steps // 3 else 1.0)
+                unit = grad / _expand(grad.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+                delta = project(delta.detach() - size * unit)
+        with torch.no_grad():
+            record(delta, *_worst_margin(model, x + delta, pred))
+    delta = best
+    for _ in range(steps // 2):  # boundary following: Newton steps on the worst margin, in the ball
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            margin, other = _worst_margin(model, x + delta, pred)
+            (grad,) = torch.autograd.grad(margin.sum(), delta)
+        with torch.no_grad():
+            record(delta.detach(), margin.detach(), other)
+            squared = _expand(grad.flatten(1).square().sum(dim=1).clamp_min(1e-24), x)
+            delta = project(delta.detach() - 1.02 * _expand(margin.clamp_min(0), x) * grad / squared)
+    with torch.no_grad():
+        record(delta, *_worst_margin(model, x + delta, pred))
+    return flipped, distance, became
+
+
+def margin_lower_bound(model: nn.Module, x: torch.Tensor, i: int, j: int, steps: int = 20) -> float:
+    """A lower bound on the Lipschitz constant of ``f_i - f_j``: the largest gradient norm found by
+    gradient ascent on ``||grad (f_i - f_j)||`` from ``x`` (falling back to sampling where the
+    model has no double backward), and secant slopes ``|m(a) - m(b)| / ||a - b||`` along the way."""
+    x = x.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=0.01)
+    best = 0.0
+    for _ in range(steps):
+        with torch.enable_grad():
+            out = model(x)
+            (grad,) = torch.autograd.grad((out[:, i] - out[:, j]).sum(), x, create_graph=True)
+            norms = grad.flatten(1).norm(dim=1)
+            best = max(best, norms.max().item())
+            optimizer.zero_grad()
+            try:
+                (-norms.sum()).backward()
+            except RuntimeError:  # no double backward (e.g. max pooling's): move at random instead
+                x.grad = torch.randn_like(x)
+        optimizer.step()
+        with torch.no_grad():
+            step = torch.randn_like(x) * 1e-3
+            a, b = model(x), model(x + step)
+            slope = ((a[:, i] - a[:, j]) - (b[:, i] - b[:, j])).abs() / step.flatten(1).norm(dim=1)
+            best = max(best, slope.max().item())
+    return best
+
+
+@torch.no_grad()
+def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float | Sequence[float],
+          bound: LipschitzBound | CurvatureBound | None = None, *, method: str = "lipschitz", steps: int = 30,
+          restarts: int = 1, tightness_pairs: int = 3, device: torch.device | str | None = None,
+          progress: ProgressLike | None = None) -> AuditReport:
+    """Attack every certified point inside its radius, measure the certification gap and the
+    tightness of ``K`` (see the module docstring).
+
+    Args:
+        model: the classifier, in eval mode.
+        data: batches ``(x, y)``.
+        eps: radii for VRA and empirical robust accuracy.
+        bound: the bound the certificates use (computed from the first batch if omitted); pass a
+            tampered one to check that the audit catches false certificates.
+        method: ``"lipschitz"`` or ``"crc"`` (see :func:`certify_fx.certify`).
+        steps, restarts: attack strength.
+        tightness_pairs: how many of the most frequent (predicted, runner-up) margins to check.
+    """
+    eps_list = [check_eps(eps)] if isinstance(eps, (int, float)) else sorted(check_eps(e) for e in eps)
+    batches = list(data)
+    task = progress.add_task("audit", total=len(batches), info="") if progress is not None else None
+    count = correct = 0
+    certified = {e: 0 for e in eps_list}
+    robust = {e: 0 for e in eps_list}
+    violations: list[Violation] = []
+    pairs: Counter[tuple[int, int]] = Counter()
+    examples: dict[tuple[int, int], torch.Tensor] = {}
+    radii = []
+    for x, y in batches:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        if bound is None:
+            shape = tuple(x.shape[1:])
+            bound = (curvature_bound(model, shape) if method == "crc"
+                     else BoundCompiler(model, shape).sound_bound(estimate_steps=0))
+        cert = certify(model, x, eps_list[0], bound, method=method)
+        hit = cert.pred == y
+        # the certificate's own claim: nothing changes the prediction inside the radius
+        inside = (cert.radius > 0) & torch.isfinite(cert.radius)
+        if inside.any():
+            where = inside.nonzero()[:, 0]
+            radius = INSIDE * cert.radius[where].to(x.dtype)
+            flipped, distance, became = attack(model, x[where], cert.pred[where], radius, steps=steps,
+                                               restarts=restarts)
+            for k in flipped.nonzero()[:, 0].tolist():
+                violations.append(Violation(count + int(where[k]), float(cert.radius[where[k]]), float(distance[k]),
+                                            int(cert.pred[where[k]]), int(became[k])))
+        # the certification gap at each eps: attacks on the correct points
+        alive = hit.clone()
+        found = {v.index for v in violations}
+        for e in eps_list:
+            certified[e] += int((hit & cert.at(e)).sum())
+            if alive.any():
+                where = alive.nonzero()[:, 0]
+                flipped, distance, became = attack(model, x[where], cert.pred[where], e, steps=steps,
+                                                   restarts=restarts)
+                alive[where[flipped]] = False
+                for k in (flipped & cert.at(e)[where]).nonzero()[:, 0].tolist():  # certified at e, yet flipped
+                    if count + int(where[k]) not in found:
+                        violations.append(Violation(count + int(where[k]), float(cert.radius[where[k]]),
+                                                    float(distance[k]), int(cert.pred[where[k]]), int(became[k])))
+            robust[e] += int(alive.sum())
+        logits = model(x)
+        runner_up = logits.scatter(1, cert.pred[:, None], -torch.inf).argmax(1)
+        for n, pair in enumerate(zip(cert.pred.tolist(), runner_up.tolist())):
+            pairs[pair] += 1
+            examples.setdefault(pair, x[n])
+        radii.append(torch.where(hit, cert.radius, torch.zeros_like(cert.radius)).cpu())
+        correct += int(hit.sum())
+        count += len(y)
+        if task is not None:
+            progress.update(task, advance=1, info=f"{len(violations)} violations")
+    if task is not None:
+        progress.remove_task(task)
+    lipschitz = bound.lipschitz if isinstance(bound, CurvatureBound) else bound
+    tightness = []
+    for (i, j), n in pairs.most_common(tightness_pairs):
+        start = examples[(i, j)][None].repeat(4, *([1] * examples[(i, j)].dim()))
+        start = start + 0.05 * torch.randn_like(start)
+        tightness.append(MarginTightness(i, j, n, float(lipschitz.margin[i, j]), margin_lower_bound(model, start, i, j)))
+    total = max(count, 1)
+    return AuditReport(count, correct / total, method, {e: certified[e] / total for e in eps_list},
+                       {e: robust[e] / total for e in eps_list}, violations, tightness, list(lipschitz.nodes),
+                       torch.cat(radii) if radii else None)
