@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from certify_fx.losses import LOSSES, calibrated_sigma, cll, create_loss, emma, gloro_ce, gloro_logits, trades
+from certify_fx.losses import (LOSSES, calibrated_sigma, cll, create_loss, emma, gloro_ce, gloro_logits, needs_features,
+                                trades)
+from certify_fx.nn import SoftplusMLP
 
 
 def _batch(n=6, m=5, seed=0):
@@ -157,7 +159,12 @@ def test_losses_are_vectorised_for_a_thousand_classes(name):
     w = torch.randn(1000, 32, generator=g)
     K = torch.cdist(w, w).requires_grad_()
     y = torch.randint(1000, (16,), generator=g)
-    loss = create_loss(name)(f, y, K, 0.1)
+    if needs_features(name):  # trains on the classifier's input: gradients reach the features
+        features = torch.randn(16, 32, generator=g, requires_grad=True)
+        loss = create_loss(name)(f, y, K, 0.1, features=features, head=SoftplusMLP(32, 1000))
+        f = features
+    else:
+        loss = create_loss(name)(f, y, K, 0.1)
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert torch.isfinite(f.grad).all()
@@ -172,5 +179,5 @@ def test_ties_never_certify_in_the_gloro_output():
 
 
 def test_unknown_loss_names_the_choices():
-    with pytest.raises(ValueError, match="choose one of ce, cll, emma, gloro_ce, trades"):
+    with pytest.raises(ValueError, match="choose one of ce, cll, crc_lip, emma, gloro_ce, trades"):
         create_loss("hinge")
