@@ -139,6 +139,15 @@ def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.
         norm = _expand(delta.flatten(1).norm(dim=1).clamp_min(1e-12), x)
         return delta * (radius / norm).clamp(max=1.0)
 
+    def probe(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The worst margin at ``x + delta`` (recorded) and its gradient."""
+        delta = delta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            margin, other = _worst_margin(model, x + delta, pred)
+            (grad,) = torch.autograd.grad(margin.sum(), delta)
+        record(delta.detach(), margin.detach(), other)
+        return margin.detach(), grad
+
     for run in range(restarts + 1):
         delta = torch.zeros_like(x)
         if run:
@@ -146,12 +155,8 @@ def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.
             scale = torch.rand(len(x), generator=generator).to(x)
             delta = project(noise * _expand(scale, x) * radius / _expand(noise.flatten(1).norm(dim=1), x))
         for step in range(steps):
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                margin, other = _worst_margin(model, x + delta, pred)
-                (grad,) = torch.autograd.grad(margin.sum(), delta)
+            margin, grad = probe(delta)
             with torch.no_grad():
-                record(delta.detach(), margin.detach(), other)
                 size = 2.5 * radius / steps * (0.5 if step >= 2 * steps // 3 else 1.0)
                 unit = grad / _expand(grad.flatten(1).norm(dim=1).clamp_min(1e-12), x)
                 delta = project(delta.detach() - size * unit)
@@ -159,12 +164,8 @@ def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.
             record(delta, *_worst_margin(model, x + delta, pred))
     delta = best
     for _ in range(steps // 2):  # boundary following: Newton steps on the worst margin, in the ball
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            margin, other = _worst_margin(model, x + delta, pred)
-            (grad,) = torch.autograd.grad(margin.sum(), delta)
+        margin, grad = probe(delta)
         with torch.no_grad():
-            record(delta.detach(), margin.detach(), other)
             squared = _expand(grad.flatten(1).square().sum(dim=1).clamp_min(1e-24), x)
             delta = project(delta.detach() - 1.02 * _expand(margin.clamp_min(0), x) * grad / squared)
     with torch.no_grad():
