@@ -27,7 +27,7 @@ from torch import nn
 
 from .bounds.compiler import BoundCompiler, LipschitzBound
 from .bounds.values import NodeBound
-from .certify import certify, check_eps
+from .certify import Certificate, certify, check_eps
 from .crc import CurvatureBound, curvature_bound
 
 if TYPE_CHECKING:
@@ -228,6 +228,17 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
     pairs: Counter[tuple[int, int]] = Counter()
     examples: dict[tuple[int, int], torch.Tensor] = {}
     radii = []
+
+    def report(where: torch.Tensor, flipped: torch.Tensor, distance: torch.Tensor, became: torch.Tensor,
+               cert: Certificate, offset: int) -> None:
+        """Record each flipped point of ``where`` as a violation, once per point."""
+        seen = {v.index for v in violations}
+        for k in flipped.nonzero()[:, 0].tolist():
+            n = int(where[k])
+            if offset + n not in seen:
+                violations.append(Violation(offset + n, float(cert.radius[n]), float(distance[k]), int(cert.pred[n]),
+                                            int(became[k])))
+
     for x, y in batches:
         if device is not None:
             x, y = x.to(device), y.to(device)
@@ -242,14 +253,10 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
         if inside.any():
             where = inside.nonzero()[:, 0]
             radius = INSIDE * cert.radius[where].to(x.dtype)
-            flipped, distance, became = attack(model, x[where], cert.pred[where], radius, steps=steps,
-                                               restarts=restarts)
-            for k in flipped.nonzero()[:, 0].tolist():
-                violations.append(Violation(count + int(where[k]), float(cert.radius[where[k]]), float(distance[k]),
-                                            int(cert.pred[where[k]]), int(became[k])))
+            report(where, *attack(model, x[where], cert.pred[where], radius, steps=steps, restarts=restarts),
+                   cert, count)
         # the certification gap at each eps: attacks on the correct points
         alive = hit.clone()
-        found = {v.index for v in violations}
         for e in eps_list:
             certified[e] += int((hit & cert.at(e)).sum())
             if alive.any():
@@ -257,10 +264,7 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
                 flipped, distance, became = attack(model, x[where], cert.pred[where], e, steps=steps,
                                                    restarts=restarts)
                 alive[where[flipped]] = False
-                for k in (flipped & cert.at(e)[where]).nonzero()[:, 0].tolist():  # certified at e, yet flipped
-                    if count + int(where[k]) not in found:
-                        violations.append(Violation(count + int(where[k]), float(cert.radius[where[k]]),
-                                                    float(distance[k]), int(cert.pred[where[k]]), int(became[k])))
+                report(where, flipped & cert.at(e)[where], distance, became, cert, count)  # certified at e, yet flipped
             robust[e] += int(alive.sum())
         logits = model(x)
         runner_up = logits.scatter(1, cert.pred[:, None], -torch.inf).argmax(1)

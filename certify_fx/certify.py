@@ -122,9 +122,7 @@ def certified_radius(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.
 
 def _smallest(pairs: torch.Tensor) -> torch.Tensor:
     """The radius of each row of :func:`pair_radii` (0 for a row that cannot be certified)."""
-    radius = pairs.amin(dim=1) if pairs.shape[1] > 1 else torch.full(pairs.shape[:1], torch.inf, dtype=pairs.dtype,
-                                                                      device=pairs.device)
-    return torch.where(pairs.isnan().any(dim=1), 0.0, radius)
+    return torch.where(pairs.isnan().any(dim=1), 0.0, pairs.amin(dim=1))  # one class: its own column, inf
 
 
 def pair_radii(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,11 +226,12 @@ def _certify_crc(model: nn.Module, x: torch.Tensor, eps: float, bound: Lipschitz
         raise CertifyFxError("method='crc' certifies with proven constants only; use_estimate applies to 'lipschitz'")
     input_shape = tuple(x.shape[1:])
     head = crc_head(model)
-    if not isinstance(bound, CurvatureBound):
+    if isinstance(bound, CurvatureBound):
+        check_bound(model, bound.lipschitz, input_shape)
+    else:  # a given margin bound is checked before the curvature constants are built on it
         if bound is not None:
             check_bound(model, bound, input_shape)
         bound = curvature_bound(model, input_shape, lipschitz=bound)
-    check_bound(model, bound.lipschitz, input_shape)
     _check_proven(bound.sound, bound.lipschitz.finite, False)
     with torch.inference_mode():
         features = model.forward_features(x)
