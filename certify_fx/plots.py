@@ -10,7 +10,7 @@ import torch
 
 from .errors import CertifyFxError
 
-__all__ = ["plot_certification_gap", "plot_certified_accuracy", "require_matplotlib"]
+__all__ = ["plot_certification_gap", "plot_certified_accuracy", "plot_vra_curves", "require_matplotlib"]
 
 
 def require_matplotlib() -> None:
@@ -69,4 +69,17 @@ def plot_certified_accuracy(radii: torch.Tensor, path: str | Path, eps: Sequence
     for e in eps:
         ax.axvline(e, color="grey", linestyle=":", linewidth=1)
     ax.set_ylabel("certified accuracy")
+    return _save(fig, ax, path, title)
+
+
+def plot_vra_curves(curves: dict[str, dict[float, float]], path: str | Path, title: str = "") -> Path:
+    """Draw one VRA-against-radius curve per run (``name -> {eps: vra}``, radius 0 = clean accuracy)
+    on one set of axes, to compare runs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, vra in curves.items():
+        radii = sorted(vra)
+        ax.plot(radii, [vra[r] for r in radii], label=name)
+    ax.set_ylabel("VRA (certified accuracy)")
+    ax.legend(loc="lower left", fontsize=7)
     return _save(fig, ax, path, title)

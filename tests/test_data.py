@@ -16,9 +16,11 @@ from certify_fx.data import (
     DATASETS,
     FashionMNIST,
     SyntheticImages,
+    TWO_MOONS_GAP,
     build_dataset,
     build_transform,
     read_idx,
+    two_moons,
 )
 from certify_fx.data.fashion_mnist import DEFAULT_FASHION_MNIST_ROOT
 from certify_fx.errors import DatasetNotFoundError
@@ -162,3 +164,15 @@ def test_augmentations_by_name():
     with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
         build_transform(32, ["mixup"])
     assert set(DATASETS) >= {"fashion_mnist", "cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic"}
+
+
+def test_two_moons_has_the_true_margin_of_the_cll_paper():
+    pytest.importorskip("sklearn")
+    x, y = two_moons(2000, noise_radius=0.1, seed=3).tensors
+    assert x.shape == (2000, 2) and x.dtype == torch.float32 and y.bincount().tolist() == [1000, 1000]
+    gap = torch.cdist(x[y == 0].double(), x[y == 1].double()).min().item()
+    assert 2 * 0.15 <= gap < TWO_MOONS_GAP  # moved apart by at most the two noise radii, and moved
+    clean = two_moons(2000, noise_radius=0.0, seed=3).tensors[0]
+    moved = (x - clean).norm(dim=1)
+    assert moved.max() <= 0.1 + 1e-6 and moved.mean() > 0.05  # uniform in the disk: mean 2/3 of the radius
+    assert torch.equal(two_moons(2000, seed=3).tensors[0], x)

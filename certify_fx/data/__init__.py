@@ -27,6 +27,7 @@ from .fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from .folder import image_folder
 from .idx import read_idx
 from .synthetic import SyntheticImages
+from .two_moons import TWO_MOONS_GAP, two_moons
 
 __all__ = [
     "AUGMENTATIONS",
@@ -35,10 +36,12 @@ __all__ = [
     "DatasetInfo",
     "FashionMNIST",
     "SyntheticImages",
+    "TWO_MOONS_GAP",
     "build_dataset",
     "build_transform",
     "dataset_info",
     "read_idx",
+    "two_moons",
 ]
 
 

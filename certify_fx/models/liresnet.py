@@ -103,8 +103,8 @@ def _register(prefix: str, depth: int, width: int) -> None:
 
 # The paper's configurations (L6W128 ... L12W588), deeper ones from App. D, and CPU-sized ones.
 for _depth, _width in [(6, 128), (12, 256), (12, 512), (12, 588), (18, 512), (24, 512), (6, 64), (12, 64), (4, 32),
-                       (6, 32)]:
+                       (6, 32), (12, 32)]:
     _register("liresnet", _depth, _width)
-for _depth, _width in [(6, 256), (12, 256), (18, 256), (6, 64), (6, 32)]:
+for _depth, _width in [(6, 256), (12, 256), (18, 256), (6, 64), (6, 32), (12, 32)]:
     _register("gloro_convnet", _depth, _width)
     _register("gloro_resnet", _depth, _width)

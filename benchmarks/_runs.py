@@ -1,0 +1,98 @@
+"""What the Fashion-MNIST comparison scripts share: train a recipe once, certify its checkpoint once.
+
+Every run is a ``certify-fx train`` of a recipe in ``recipes/`` (with ``--set`` overrides) in its
+own folder. A finished run leaves a ``done`` file with its wall-clock seconds and is skipped; an
+unfinished one is continued with ``--resume``, so a script stopped at any point (Ctrl-C included)
+loses at most the step in flight. Certificates come from ``certify-fx certify --json`` and are
+cached next to the checkpoint, keyed by method and radii.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a display name, a recipe file in ``recipes/`` and its overrides."""
+
+    name: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("lipschitz",)
+
+    @property
+    def slug(self) -> str:
+        return "_".join("".join(c if c.isalnum() else " " for c in self.name.lower()).split())
+
+
+def _certify_fx(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "certify_fx", *arguments]
+
+
+def train(console: Console, run: Run, out: Path) -> float:
+    """Train ``run`` into ``out`` unless it finished already; its wall-clock minutes."""
+    done = out / "done"
+    if not done.exists():
+        start = time.perf_counter()
+        if (out / "checkpoint.pt").exists():
+            command = _certify_fx("train", "--resume", str(out / "checkpoint.pt"))
+        else:
+            overrides = [f"--set={item}" for item in (*run.overrides, f"output_dir={out}")]
+            command = _certify_fx("train", str(ROOT / "recipes" / run.recipe), *overrides)
+        console.print(f"[bold]{run.name}[/]: certify-fx {' '.join(command[3:])}")
+        # An interrupted run keeps its time so far in `elapsed`; the resumed part adds to it.
+        elapsed = out / "elapsed"
+        try:
+            subprocess.run(command, check=True)
+        finally:
+            earlier = float(elapsed.read_text()) if elapsed.exists() else 0.0
+            out.mkdir(parents=True, exist_ok=True)
+            elapsed.write_text(f"{earlier + time.perf_counter() - start:.0f}\n")
+        done.write_text(elapsed.read_text())
+    return float(done.read_text()) / 60
+
+
+def certify(out: Path, method: str, eps: Sequence[float]) -> dict:
+    """``certify-fx certify --json`` of ``out/checkpoint.pt`` at ``eps`` (cached)."""
+    radii = ",".join(f"{e:.10g}" for e in eps)
+    key = hashlib.sha1(radii.encode()).hexdigest()[:8]
+    cached = out / f"certify_{method}_{key}.json"
+    if not cached.exists():
+        command = _certify_fx("certify", str(out / "checkpoint.pt"), "--eps", radii, "--method", method, "--json")
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        cached.write_text(done.stdout)
+    return json.loads(cached.read_text())
+
+
+def vra_at(result: dict, eps: float) -> float:
+    """The VRA of a ``certify --json`` result at ``eps`` (its keys are the radii as printed)."""
+    for key, value in result["vra"].items():
+        if abs(float(key) - eps) < 1e-9:
+            return value
+    raise KeyError(f"no VRA at eps={eps} in {sorted(result['vra'])}")
+
+
+def show(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Print ``rows`` as a rich table; return them as a Markdown table."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
