@@ -77,6 +77,20 @@ def certify(out: Path, method: str, eps: Sequence[float]) -> dict:
     return json.loads(cached.read_text())
 
 
+def audit(out: Path, eps: Sequence[float], limit: int = 1000) -> dict:
+    """``certify-fx audit --json`` of ``out/checkpoint.pt`` on the first ``limit`` test images (cached;
+    exit status 1, violations found, is a result too)."""
+    radii = ",".join(f"{e:.10g}" for e in eps)
+    cached = out / f"audit_{hashlib.sha1(radii.encode()).hexdigest()[:8]}_{limit}.json"
+    if not cached.exists():
+        command = _certify_fx("audit", str(out / "checkpoint.pt"), "--eps", radii, "--limit", str(limit), "--json")
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode not in (0, 1):
+            raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
+        cached.write_text(done.stdout)
+    return json.loads(cached.read_text())
+
+
 def vra_at(result: dict, eps: float) -> float:
     """The VRA of a ``certify --json`` result at ``eps`` (its keys are the radii as printed)."""
     for key, value in result["vra"].items():

@@ -33,7 +33,7 @@ from rich.console import Console
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, Run, certify, show, train, vra_at  # noqa: E402
+from _runs import ROOT, Run, audit, certify, show, train, vra_at  # noqa: E402
 
 import certify_fx as cfx  # noqa: E402
 from certify_fx.data import TWO_MOONS_GAP, two_moons  # noqa: E402
@@ -43,8 +43,6 @@ from certify_fx.plots import plot_vra_curves  # noqa: E402
 
 EPS_GRID = [round(0.05 * i, 2) for i in range(0, 21)]  # 0 .. 1.0: the curves; 0 = clean accuracy
 TABLE_EPS = (0.1, 0.3, 0.5, 1.0)
-RESULTS = ROOT / "docs" / "results.md"
-FIGURES = ROOT / "docs" / "results"
 
 
 def fashion_mnist_run(epochs: int, model: str = "liresnet_l6w32", loss: str = "emma", eps: float = 0.1) -> Run:
@@ -73,7 +71,7 @@ def studies(epochs: int) -> dict[str, tuple[str, list[tuple[str, Run]]]]:
 
 
 def fashion_mnist_study(console: Console, runs_dir: Path, title: str, rows: list[tuple[str, Run]],
-                        figure: Path) -> str:
+                        figure: Path, audited: bool = False) -> str:
     table, curves = [], {}
     for label, run in rows:
         out = runs_dir / run.slug
@@ -86,7 +84,26 @@ def fashion_mnist_study(console: Console, runs_dir: Path, title: str, rows: list
     columns = ("run", "clean", *(f"VRA@{e:g}" for e in TABLE_EPS), "max K", "train min", "certify s")
     markdown = show(console, f"Fashion-MNIST. {title}", columns, table)
     plot_vra_curves(curves, figure, title)
-    return f"### {title}\n\n{markdown}\n\n![{title}](results/{figure.name})\n"
+    text = f"### {title}\n\n{markdown}\n\n![{title}]({figure.parent.name}/{figure.name})\n"
+    if audited:
+        text += "\n" + audit_table(console, runs_dir, rows)
+    return text
+
+
+def audit_table(console: Console, runs_dir: Path, rows: list[tuple[str, Run]]) -> str:
+    """``certify-fx audit`` of each run on the first 1000 test images: violations, VRA against
+    empirical robust accuracy, and the tightness of K on the most frequent margins."""
+    lines = []
+    for label, run in rows:
+        report = audit(runs_dir / run.slug, TABLE_EPS)
+        ratios = ", ".join(f"{t['ratio']:.2f}" for t in report["k_tightness"])
+        cells = [[f"{float(e):g}", f"{v:.3f}", f"{report['empirical_robust_accuracy'][e]:.3f}",
+                  f"{report['empirical_robust_accuracy'][e] - v:.3f}"] for e, v in report["vra"].items()]
+        title = (f"Audit of {label} ({report['count']} test images): {len(report['violations'])} violations, "
+                 f"K / lower bound {ratios} on the {len(report['k_tightness'])} most frequent margins, "
+                 f"{report['seconds']:.0f} s")
+        lines.append(f"{title}\n\n" + show(console, title, ("eps", "VRA", "empirical robust accuracy", "gap"), cells))
+    return "\n\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- two moons
@@ -183,19 +200,20 @@ def moons_study(console: Console, epochs: int, figure: Path) -> str:
     plt.close(fig)
     note = (f"Noiseless moons are {TWO_MOONS_GAP} apart; within disks of radius 0.1 the classes stay 0.3 apart, "
             f"so {MOONS_EPS} is the largest radius at which every point can be certified.")
-    return f"### {title}\n\n{note}\n\n{markdown}\n\n![{title}](results/{figure.name})\n"
+    return f"### {title}\n\n{note}\n\n{markdown}\n\n![{title}]({figure.parent.name}/{figure.name})\n"
 
 
 # ---------------------------------------------------------------- docs/results.md
 
-def write_section(name: str, text: str) -> None:
-    """Replace the generated section ``name`` of docs/results.md (between its markers)."""
+def write_section(results: Path, name: str, text: str) -> None:
+    """Replace the generated section ``name`` of ``results`` (between its markers; appended the
+    first time)."""
     begin, end = f"<!-- {name}:begin (benchmarks/orderings.py --write) -->", f"<!-- {name}:end -->"
-    document = RESULTS.read_text() if RESULTS.exists() else "# Results\n"
+    document = results.read_text() if results.exists() else "# Results\n"
     block = f"{begin}\n{text.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     document = pattern.sub(lambda _: block, document) if pattern.search(document) else f"{document}\n{block}\n"
-    RESULTS.write_text(document)
+    results.write_text(document)
 
 
 def main() -> None:
@@ -205,22 +223,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each Fashion-MNIST study run (3)")
     parser.add_argument("--moons-epochs", type=int, default=1000, help="two-moons epochs (1000, as the paper)")
     parser.add_argument("--runs-dir", default="runs/orderings")
-    parser.add_argument("--write", action="store_true", help="write tables and plots into docs/results.md")
+    parser.add_argument("--write", action="store_true", help="write the tables into the results page")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md",
+                        help="the results page (docs/results.md); plots go to results/ next to it")
     args = parser.parse_args()
     console = Console()
     fashion = studies(args.epochs)
     for name in args.study:
-        figure = FIGURES / f"{name}.png"
+        figure = args.results.parent / "results" / f"{name}.png"
         if name == "moons":
             text = moons_study(console, args.moons_epochs, figure)
         else:
             title, rows = fashion[name]
-            text = fashion_mnist_study(console, Path(args.runs_dir), title, rows, figure)
+            text = fashion_mnist_study(console, Path(args.runs_dir), title, rows, figure, audited=name == "best")
         if args.write:
-            write_section(name, text)
-            console.print(f"wrote the {name} section of {RESULTS.relative_to(ROOT)}")
+            write_section(args.results, name, text)
+            console.print(f"wrote the {name} section of {args.results} and {figure}")
         else:
-            console.print(f"plot: {figure.relative_to(ROOT)} (--write also puts the table into docs/results.md)")
+            console.print(f"plot: {figure} (--write also puts the table into {args.results})")
 
 
 if __name__ == "__main__":
