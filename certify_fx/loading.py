@@ -26,15 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
+from torch.utils.data import Dataset
 
-from .errors import CertifyFxError, CheckpointError
+from .errors import CertifyFxError, CheckpointError, RecipeError
 from .model_spec import ModelSpec
 from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights, read_payload, save_payload
 
 if TYPE_CHECKING:
     from .train.recipe import Recipe
 
-__all__ = ["LoadedModel", "export_model", "is_model_file", "load_model"]
+__all__ = ["EvaluationData", "LoadedModel", "export_model", "is_model_file", "load_model"]
 
 LoadedKind = Literal["checkpoint", "converted", "spec"]
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -64,6 +65,47 @@ class LoadedModel:
     def name(self) -> str:
         suffix = f" ({self.conversion['to']})" if self.conversion else ""
         return f"{self.spec}{suffix}"
+
+    def evaluation_data(self, data: str | None = None, root: str | None = None,
+                        limit: int | None = None) -> "EvaluationData":
+        """The test set to evaluate this model on: its training recipe's (a checkpoint), or the
+        dataset named ``data``, read from ``root`` (default: the dataset's), the first ``limit``
+        examples.
+
+        Raises:
+            RecipeError: no dataset is known (a model that is not a training checkpoint needs
+                ``data``), or its inputs do not fit the model.
+            DatasetNotFoundError: the files are missing (before anything slow happens).
+        """
+        from .data import dataset_info
+        from .train.builders import build_split, recipe_dataset_info
+        from .train.recipe import Recipe
+
+        if self.recipe is not None:
+            recipe = self.recipe
+        elif data is None:
+            raise RecipeError(f"{self.name} carries no dataset (only training checkpoints do): pass --data NAME")
+        else:
+            recipe = Recipe()
+            recipe.data.name = data
+        if root:
+            recipe.data.root = root
+        recipe.data.eval_subset = limit or recipe.data.eval_subset
+        name = data or recipe.data.name
+        shape = tuple((recipe_dataset_info(recipe) if data is None else dataset_info(name)).input_shape)
+        if self.input_shape is not None and tuple(self.input_shape) != shape:
+            raise RecipeError(f"--data {name} has inputs {shape}, but the model takes {tuple(self.input_shape)}")
+        return EvaluationData(recipe, name, shape, build_split(recipe, "test", name=data))
+
+
+@dataclass
+class EvaluationData:
+    """The test set a loaded model is evaluated on, and the recipe it comes from."""
+
+    recipe: "Recipe"
+    name: str
+    input_shape: tuple[int, ...]
+    dataset: Dataset
 
 
 def is_model_file(source: str | Path) -> bool:

@@ -31,13 +31,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from certify_fx.audit import audit
     from certify_fx.plots import plot_certification_gap, require_matplotlib
     from certify_fx.progress import progress_display
-    from certify_fx.train.builders import evaluation_data
 
     if args.plot:
         require_matplotlib()
     loaded = load_from_args(args)
     model = loaded.model.eval()
-    test = evaluation_data(loaded, args.data, args.root, args.limit)
+    test = loaded.evaluation_data(args.data, args.root, args.limit)
     eps = args.eps or test.recipe.eval_eps
     console = Console(stderr=args.json)
     start = time.perf_counter()

@@ -98,13 +98,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from certify_fx.plots import plot_certified_accuracy, require_matplotlib
     from certify_fx.progress import progress_display
     from certify_fx.train import evaluate_certified
-    from certify_fx.train.builders import evaluation_data
 
     if args.plot:
         require_matplotlib()  # before minutes of certification, not after
     loaded = load_from_args(args)
     model = loaded.model
-    test = evaluation_data(loaded, args.data, args.root, args.limit)  # a missing dataset fails before the bound
+    test = loaded.evaluation_data(args.data, args.root, args.limit)  # a missing dataset fails before the bound
     recipe, data_name, shape, dataset = test.recipe, test.name, test.input_shape, test.dataset
     eps = args.eps or recipe.eval_eps
     console = Console(stderr=args.json)

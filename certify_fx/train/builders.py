@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -13,10 +10,7 @@ from ..errors import CertifyFxError, RecipeError
 from ..model_spec import ModelSpec
 from .recipe import Recipe
 
-if TYPE_CHECKING:
-    from ..loading import LoadedModel
-
-__all__ = ["EvaluationData", "build_model", "build_split", "evaluation_data", "model_spec", "recipe_dataset_info"]
+__all__ = ["build_model", "build_split", "model_spec", "recipe_dataset_info"]
 
 
 def recipe_dataset_info(recipe: Recipe) -> DatasetInfo:
@@ -81,40 +75,4 @@ def build_split(recipe: Recipe, split: str, name: str | None = None) -> Dataset:
     dataset = build_dataset(name or d.name, split, d.root, d.augment, d.crop_padding, synthetic)
     limit = d.train_subset if split == "train" else d.eval_subset
     return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
-
-
-@dataclass
-class EvaluationData:
-    """The test set a loaded model is evaluated on, and the recipe it comes from."""
-
-    recipe: Recipe
-    name: str
-    input_shape: tuple[int, ...]
-    dataset: Dataset
-
-
-def evaluation_data(loaded: LoadedModel, data: str | None = None, root: str | None = None,
-                    limit: int | None = None) -> EvaluationData:
-    """The test set for ``loaded``: its training recipe's (a checkpoint), or dataset ``data``.
-
-    Raises:
-        RecipeError: no dataset is known (a model that is not a training checkpoint needs
-            ``data``), or its inputs do not fit the model.
-        DatasetNotFoundError: the files are missing (before anything slow happens).
-    """
-    if loaded.recipe is not None:
-        recipe = loaded.recipe
-    elif data is None:
-        raise RecipeError(f"{loaded.name} carries no dataset (only training checkpoints do): pass --data NAME")
-    else:
-        recipe = Recipe()
-        recipe.data.name = data
-    if root:
-        recipe.data.root = root
-    recipe.data.eval_subset = limit or recipe.data.eval_subset
-    name = data or recipe.data.name
-    shape = tuple((recipe_dataset_info(recipe) if data is None else dataset_info(name)).input_shape)
-    if loaded.input_shape is not None and tuple(loaded.input_shape) != shape:
-        raise RecipeError(f"--data {name} has inputs {shape}, but the model takes {tuple(loaded.input_shape)}")
-    return EvaluationData(recipe, name, shape, build_split(recipe, "test", name=data))
 
