@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +33,7 @@ def _pyplot():
 def _save(fig, ax, path: str | Path, title: str) -> Path:
     ax.set_xlabel("l2 radius")
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
