@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,23 @@ def _certify_fx(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "certify_fx", *arguments]
 
 
+def _run(command: list[str], capture: bool = False, allowed: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    """Run a ``certify-fx`` command. Ctrl-C reaches it (the whole process group gets it) and is its
+    to handle: a training run finishes its step and writes a checkpoint. This script only waits
+    for it (a Python handler, not SIG_IGN, so the child starts with the default one), then stops
+    with a one-line message instead of a traceback."""
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        done = subprocess.run(command, capture_output=capture, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if done.returncode in (130, -signal.SIGINT):
+        raise SystemExit("stopped by Ctrl-C; run the same command again to continue where it stopped")
+    if done.returncode not in allowed:
+        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
+    return done
+
+
 def train(console: Console, run: Run, out: Path) -> float:
     """Train ``run`` into ``out`` unless it finished already; its wall-clock minutes."""
     done = out / "done"
@@ -56,7 +74,7 @@ def train(console: Console, run: Run, out: Path) -> float:
         # An interrupted run keeps its time so far in `elapsed`; the resumed part adds to it.
         elapsed = out / "elapsed"
         try:
-            subprocess.run(command, check=True)
+            _run(command)
         finally:
             earlier = float(elapsed.read_text()) if elapsed.exists() else 0.0
             out.mkdir(parents=True, exist_ok=True)
@@ -72,8 +90,7 @@ def certify(out: Path, method: str, eps: Sequence[float]) -> dict:
     cached = out / f"certify_{method}_{key}.json"
     if not cached.exists():
         command = _certify_fx("certify", str(out / "checkpoint.pt"), "--eps", radii, "--method", method, "--json")
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        cached.write_text(done.stdout)
+        cached.write_text(_run(command, capture=True).stdout)
     return json.loads(cached.read_text())
 
 
@@ -84,10 +101,7 @@ def audit(out: Path, eps: Sequence[float], limit: int = 1000) -> dict:
     cached = out / f"audit_{hashlib.sha1(radii.encode()).hexdigest()[:8]}_{limit}.json"
     if not cached.exists():
         command = _certify_fx("audit", str(out / "checkpoint.pt"), "--eps", radii, "--limit", str(limit), "--json")
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode not in (0, 1):
-            raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
-        cached.write_text(done.stdout)
+        cached.write_text(_run(command, capture=True, allowed=(0, 1)).stdout)
     return json.loads(cached.read_text())
 
 
