@@ -164,14 +164,15 @@ def moons_study(console: Console, epochs: int, figure: Path) -> str:
     for label, loss in (("GloRo-CE", "gloro_ce"), ("CLL", "cll")):
         model, seconds = train_moons(loss, epochs)
         bound = cfx.bound(model, (2,), estimate_steps=0)
-        cells = [label]
+        cells, robust = [label], []
         for x, y in ((train_x, train_y), (test_x, test_y)):
             with torch.no_grad():
                 cert = cfx.certify(model, x, MOONS_EPS, bound)
             hit = cert.pred == y
-            cells += [f"{hit.float().mean():.3f}", f"{(hit & cert.certified).float().mean():.3f}"]
+            robust.append(hit & cert.certified)
+            cells += [f"{hit.float().mean():.3f}", f"{robust[-1].float().mean():.3f}"]
         rows.append([*cells, f"{bound.margin.max():.2f}", f"{seconds / 60:.1f}"])
-        panels.append((label, model, bound))
+        panels.append((label, model, bound, ~robust[0]))  # the training points drawn red: wrong or not certified
     columns = ("loss", "train clean", f"train CRA@{MOONS_EPS:g}", "test clean", f"test CRA@{MOONS_EPS:g}", "K",
                "train min")
     title = f"Two moons, 7-layer MinMax MLP, eps {MOONS_EPS:g} (the true margin), {epochs} epochs"
@@ -180,7 +181,7 @@ def moons_study(console: Console, epochs: int, figure: Path) -> str:
     grid = torch.stack(torch.meshgrid(torch.linspace(-1.5, 2.5, 300), torch.linspace(-1.0, 1.5, 200),
                                       indexing="xy"), dim=-1).reshape(-1, 2)
     fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.6))
-    for ax, (label, model, bound) in zip(axes, panels):
+    for ax, (label, model, bound, bad) in zip(axes, panels):
         with torch.no_grad():
             logits = model(grid)
         # Signed certified distance to the boundary: (f_1 - f_0) / K; the margin is |.| = eps.
@@ -189,9 +190,6 @@ def moons_study(console: Console, epochs: int, figure: Path) -> str:
                     cmap="coolwarm")
         ax.contour(grid[:, 0].reshape(200, 300), grid[:, 1].reshape(200, 300), signed,
                    levels=[-MOONS_EPS, 0, MOONS_EPS], colors=["grey", "black", "grey"], linewidths=1)
-        with torch.no_grad():
-            cert = cfx.certify(model, train_x, MOONS_EPS, bound)
-        bad = (cert.pred != train_y) | ~cert.certified
         ax.scatter(*train_x[~bad].T, c=train_y[~bad], cmap="coolwarm", s=2)
         ax.scatter(*train_x[bad].T, c="red", s=6, label="wrong or not certified")
         ax.set_title(f"{label}: CRA {1 - bad.float().mean():.3f}, K {bound.margin.max():.2f}", fontsize=9)

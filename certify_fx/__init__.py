@@ -22,7 +22,16 @@ from .bounds import (
     register_module_rule,
     register_rule,
 )
-from .certify import Certificate, GloRo, bottom_logit, certified_radius, certify, check_bound, verified_robust_accuracy
+from .certify import (
+    Certificate,
+    GloRo,
+    bottom_logit,
+    certificate_bound,
+    certified_radius,
+    certify,
+    check_bound,
+    verified_robust_accuracy,
+)
 from .crc import CurvatureBound, curvature_bound
 from .audit import AuditReport, audit
 from .errors import (
@@ -69,6 +78,7 @@ __all__ = [
     "audit",
     "bottom_logit",
     "bound",
+    "certificate_bound",
     "certified_radius",
     "certify",
     "check_bound",

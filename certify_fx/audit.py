@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .bounds.compiler import BoundCompiler, LipschitzBound
+from .bounds.compiler import LipschitzBound
 from .bounds.values import NodeBound
-from .certify import Certificate, certify, check_eps
-from .crc import CurvatureBound, curvature_bound
+from .certify import Certificate, certificate_bound, certify, check_eps
+from .crc import CurvatureBound
 
 if TYPE_CHECKING:
     from .progress import ProgressLike
@@ -219,8 +219,8 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
         tightness_pairs: how many of the most frequent (predicted, runner-up) margins to check.
     """
     eps_list = [check_eps(eps)] if isinstance(eps, (int, float)) else sorted(check_eps(e) for e in eps)
-    batches = list(data)
-    task = progress.add_task("audit", total=len(batches), info="") if progress is not None else None
+    batches = len(data) if hasattr(data, "__len__") else None  # read lazily: the data need not fit in memory
+    task = progress.add_task("audit", total=batches, info="") if progress is not None else None
     count = correct = 0
     certified = {e: 0 for e in eps_list}
     robust = {e: 0 for e in eps_list}
@@ -239,13 +239,11 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
                 violations.append(Violation(offset + n, float(cert.radius[n]), float(distance[k]), int(cert.pred[n]),
                                             int(became[k])))
 
-    for x, y in batches:
+    for x, y in data:
         if device is not None:
             x, y = x.to(device), y.to(device)
         if bound is None:
-            shape = tuple(x.shape[1:])
-            bound = (curvature_bound(model, shape) if method == "crc"
-                     else BoundCompiler(model, shape).sound_bound(estimate_steps=0))
+            bound = certificate_bound(model, tuple(x.shape[1:]), method)
         cert = certify(model, x, eps_list[0], bound, method=method)
         hit = cert.pred == y
         # the certificate's own claim: nothing changes the prediction inside the radius

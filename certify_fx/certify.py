@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .bounds.compiler import FULL_PRECISION, BoundCompiler, LipschitzBound
+from .bounds.compiler import bound as margin_bound
 from .bounds.fingerprint import model_fingerprint
 from .crc import CurvatureBound, crc_head, curvature_bound, curvature_radius
 from .errors import CertifyFxError, StaleBoundError, UnprovenBoundError
@@ -24,8 +25,8 @@ from .tracing import configured_input_shape
 if TYPE_CHECKING:
     from .progress import ProgressLike
 
-__all__ = ["CERTIFICATE_METHODS", "Certificate", "GloRo", "bottom_logit", "certified_radius", "certify", "check_bound",
-           "check_eps", "pair_radii", "round_up", "verified_robust_accuracy", "ROUNDING_SLACK_ULPS"]
+__all__ = ["CERTIFICATE_METHODS", "Certificate", "GloRo", "bottom_logit", "certificate_bound", "certified_radius",
+           "certify", "check_bound", "check_eps", "pair_radii", "round_up", "verified_robust_accuracy", "ROUNDING_SLACK_ULPS"]
 
 #: Logits are computed in floating point: a gap of a few units in the last place of the logits is
 #: treated as a tie, so rounding can never turn into a certified margin. The slack subtracted from
@@ -183,8 +184,7 @@ def certify(
     """
     eps = check_eps(eps)
     input_shape = tuple(x.shape[1:])
-    if method not in CERTIFICATE_METHODS:
-        raise CertifyFxError(f"unknown certificate method {method!r}; choose one of {', '.join(CERTIFICATE_METHODS)}")
+    _check_method(method)
     if method == "crc":
         return _certify_crc(model, x, eps, bound, crc_classes, use_estimate)
     if isinstance(bound, CurvatureBound):
@@ -204,6 +204,22 @@ def certify(
 
 #: The certificate kinds :func:`certify` computes.
 CERTIFICATE_METHODS = ("lipschitz", "crc")
+
+
+def _check_method(method: str) -> None:
+    if method not in CERTIFICATE_METHODS:
+        raise CertifyFxError(f"unknown certificate method {method!r}; choose one of {', '.join(CERTIFICATE_METHODS)}")
+
+
+def certificate_bound(model: nn.Module, input_shape: tuple[int, ...], method: str = "lipschitz",
+                      progress: ProgressLike | None = None) -> LipschitzBound | CurvatureBound:
+    """The proven constants a certificate of ``method`` rests on, computed once for many batches of
+    :func:`certify`: :func:`certify_fx.bound` for ``"lipschitz"``, :func:`certify_fx.curvature_bound`
+    (which holds that bound too) for ``"crc"``."""
+    _check_method(method)
+    if method == "crc":
+        return curvature_bound(model, input_shape, progress=progress)
+    return margin_bound(model, input_shape, estimate_steps=0, progress=progress)
 
 
 def _check_proven(sound: bool, finite: bool, use_estimate: bool) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_model_arguments", "eps_list_argument", "input_shape_argument", "load_from_args"]
+__all__ = ["add_model_arguments", "add_test_set_arguments", "eps_list_argument", "input_shape_argument",
+           "load_from_args"]
 
 
 def input_shape_argument(text: str) -> tuple[int, ...]:
@@ -65,3 +66,16 @@ def eps_list_argument(text: str) -> list[float]:
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected radii like 0.1,0.2, got {text!r}")
     return values
+
+
+def add_test_set_arguments(p: argparse.ArgumentParser, limit: int | None, limit_help: str) -> None:
+    """The test set, radii and certificate kind of the commands that certify a dataset."""
+    p.add_argument("--data", default=None, metavar="NAME", help="dataset (default: the recipe's)")
+    p.add_argument("--root", default=None, help="dataset folder (default: the recipe's data.root)")
+    p.add_argument("--eps", type=eps_list_argument, default=None, metavar="E1,E2",
+                   help="radii to report VRA at (default: the recipe's eps.evaluate)")
+    p.add_argument("--limit", type=int, default=limit, help=limit_help)
+    p.add_argument("--method", choices=("lipschitz", "crc"), default="lipschitz",
+                   help="certificate: 'lipschitz' (margins over K, default) or 'crc' (CRC-Lip, for models whose "
+                        "classifier is a softplus MLP, e.g. lipconvnet_5 with head=mlp: a per-input convex "
+                        "problem; each class keeps the larger of the two proven radii)")

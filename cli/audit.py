@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from .arguments import add_model_arguments, eps_list_argument, load_from_args
+from .arguments import add_model_arguments, add_test_set_arguments, load_from_args
 
 AUDIT_EXAMPLES = """examples:
   certify-fx audit runs/fashion_mnist/checkpoint.pt                      1000 test images, the recipe's radii
@@ -41,10 +41,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     start = time.perf_counter()
     with progress_display() as progress:
-        if args.method == "crc":
-            bound = cfx.curvature_bound(model, test.input_shape, progress=progress)
-        else:
-            bound = cfx.bound(model, test.input_shape, estimate_steps=0, progress=progress)
+        bound = cfx.certificate_bound(model, test.input_shape, args.method, progress=progress)
         report = audit(model, DataLoader(test.dataset, batch_size=args.batch_size), eps, bound, method=args.method,
                        steps=args.steps, restarts=args.restarts, progress=progress)
     summary = {**report.to_dict(), "model": loaded.name, "data": test.name, "seconds": time.perf_counter() - start}
@@ -99,13 +96,7 @@ def add_parser(sub) -> None:
                      "the bound of every node."),
         epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(a)
-    a.add_argument("--data", default=None, metavar="NAME", help="dataset (default: the recipe's)")
-    a.add_argument("--root", default=None, help="dataset folder (default: the recipe's data.root)")
-    a.add_argument("--eps", type=eps_list_argument, default=None, metavar="E1,E2",
-                   help="radii (default: the recipe's eps.evaluate)")
-    a.add_argument("--limit", type=int, default=1000, help="audit the first N test images (default 1000)")
-    a.add_argument("--method", choices=("lipschitz", "crc"), default="lipschitz",
-                   help="certificate to audit (default lipschitz; crc for softplus-MLP heads)")
+    add_test_set_arguments(a, 1000, "audit the first N test images (default 1000)")
     a.add_argument("--steps", type=int, default=30, help="attack steps per run (default 30)")
     a.add_argument("--restarts", type=int, default=1, help="random restarts of PGD (default 1)")
     a.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .arguments import add_model_arguments, eps_list_argument, load_from_args
+from .arguments import add_model_arguments, add_test_set_arguments, load_from_args
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -109,11 +109,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     start = time.perf_counter()
     with progress_display() as progress:  # on stderr: stdout stays clean for --json
-        if args.method == "crc":
-            bound = cfx.curvature_bound(model, shape, progress=progress)
-            margin_bound = bound.lipschitz
-        else:
-            bound = margin_bound = cfx.bound(model, shape, estimate_steps=0, progress=progress)
+        bound = cfx.certificate_bound(model, shape, args.method, progress=progress)
+        margin_bound = bound.lipschitz if args.method == "crc" else bound
         bound_seconds = time.perf_counter() - start
         with torch.inference_mode():
             result = evaluate_certified(model, bound, dataset, eps, recipe.data.eval_batch_size, keep_radii=True,
@@ -212,15 +209,7 @@ def add_parsers(sub) -> None:
                      "accuracy (VRA) per radius."),
         epilog=CERTIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(c)
-    c.add_argument("--data", default=None, metavar="NAME", help="dataset to certify on (default: the recipe's)")
-    c.add_argument("--root", default=None, help="dataset folder (default: the recipe's data.root)")
-    c.add_argument("--eps", type=eps_list_argument, default=None, metavar="E1,E2",
-                   help="radii to report VRA at (default: the recipe's eps.evaluate)")
-    c.add_argument("--limit", type=int, default=None, help="certify only the first N test images")
-    c.add_argument("--method", choices=("lipschitz", "crc"), default="lipschitz",
-                   help="certificate: 'lipschitz' (margins over K, default) or 'crc' (CRC-Lip, for models whose "
-                        "classifier is a softplus MLP, e.g. lipconvnet_5 with head=mlp: a per-input convex "
-                        "problem; each class keeps the larger of the two proven radii)")
+    add_test_set_arguments(c, None, "certify only the first N test images")
     c.add_argument("--crc-classes", type=int, default=None, metavar="K",
                    help="with --method crc, solve only for the K classes nearest by the Lipschitz radius (the "
                         "others keep their Lipschitz radius: still sound, faster with many classes)")

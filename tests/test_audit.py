@@ -81,12 +81,12 @@ def test_the_audit_command_prints_json_and_exits_nonzero_on_false_certificates(t
 
     from certify_fx_cli.main import main
 
-    honest = certify_fx.bound
+    honest = certify_fx.certificate_bound
 
     def too_small(*args, **kwargs):
         bound = honest(*args, **kwargs)
         return dataclasses.replace(bound, margin=bound.margin / TAMPER)
 
-    monkeypatch.setattr(certify_fx, "bound", too_small)
+    monkeypatch.setattr(certify_fx, "certificate_bound", too_small)
     assert main(["audit", str(checkpoint), "--limit", "100", "--eps", "0.1", "--steps", "10", "--restarts", "0"]) == 1
     assert "violation" in capsys.readouterr().out

@@ -75,4 +75,3 @@ def build_split(recipe: Recipe, split: str, name: str | None = None) -> Dataset:
     dataset = build_dataset(name or d.name, split, d.root, d.augment, d.crop_padding, synthetic)
     limit = d.train_subset if split == "train" else d.eval_subset
     return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
-
