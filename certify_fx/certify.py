@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .progress import ProgressLike
 
 __all__ = ["CERTIFICATE_METHODS", "Certificate", "GloRo", "bottom_logit", "certificate_bound", "certified_radius",
-           "certify", "check_bound", "check_eps", "pair_radii", "round_up", "verified_robust_accuracy", "ROUNDING_SLACK_ULPS"]
+           "certify", "check_bound", "check_eps", "pair_radii", "round_up", "rounding_slack", "verified_robust_accuracy",
+           "ROUNDING_SLACK_ULPS"]
 
 #: Logits are computed in floating point: a gap of a few units in the last place of the logits is
 #: treated as a tie, so rounding can never turn into a certified margin. The slack subtracted from
@@ -69,11 +70,19 @@ def check_bound(model: nn.Module, bound: LipschitzBound, input_shape: tuple[int,
     if bound.fingerprint is None:
         raise StaleBoundError("the bound does not record which model it was proven for; compute it with "
                               "certify_fx.bound(model, input_shape)")
-    now = model_fingerprint(model)
-    if now != bound.fingerprint:
-        what = "structure" if now.structure != bound.fingerprint.structure else "weights"
-        raise StaleBoundError(f"the model's {what} changed since the bound was computed; compute it again with "
-                              "certify_fx.bound(model, input_shape)")
+    now, then = model_fingerprint(model), bound.fingerprint
+    if now == then:
+        return
+    if now.structure != then.structure:
+        what = "structure changed"
+    elif now.weights != then.weights:
+        what = "weights changed"
+    else:
+        raise StaleBoundError("a module of the model is in another mode (train/eval) than when the bound was "
+                              "computed (the weights are the same); call model.eval() as before, or compute the "
+                              "bound again with certify_fx.bound(model, input_shape)")
+    raise StaleBoundError(f"the model's {what} since the bound was computed; compute it again with "
+                          "certify_fx.bound(model, input_shape)")
 
 
 @dataclass
@@ -126,6 +135,14 @@ def _smallest(pairs: torch.Tensor) -> torch.Tensor:
     return torch.where(pairs.isnan().any(dim=1), 0.0, pairs.amin(dim=1))  # one class: its own column, inf
 
 
+def rounding_slack(logits: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """(N, m) float64: how far rounding may move each gap ``f_pred - f_i`` of ``logits`` (see
+    :data:`ROUNDING_SLACK_ULPS`); every certificate treats a gap within it as a tie."""
+    values = logits.detach().to(torch.float64)
+    top = values.gather(1, pred[:, None])
+    return ROUNDING_SLACK_ULPS * torch.finfo(logits.dtype).eps * (top.abs() + values.abs())
+
+
 def pair_radii(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions and, per class ``i``, the radius within which ``f_pred - f_i`` stays positive:
     (N, m) float64, ``inf`` at the predicted class, 0 where the gap (less the rounding slack) is
@@ -137,8 +154,7 @@ def pair_radii(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor
     values = logits.detach().to(torch.float64)
     k = margin.detach().to(device=values.device, dtype=torch.float64)
     top = values.gather(1, pred[:, None])
-    slack = ROUNDING_SLACK_ULPS * torch.finfo(logits.dtype).eps * (top.abs() + values.abs())
-    gap = top - values - slack  # (N, m)
+    gap = top - values - rounding_slack(logits, pred)  # (N, m)
     k_pred = k[pred]  # (N, m): K[j, i]
     ratio = torch.where(k_pred > 0, gap / k_pred.clamp_min(torch.finfo(torch.float64).tiny),
                         torch.where(gap > 0, torch.inf, 0.0)).clamp_min(0.0)
@@ -258,7 +274,9 @@ def _certify_crc(model: nn.Module, x: torch.Tensor, eps: float, bound: Lipschitz
     if m > 1:
         k = m - 1 if classes is None else max(1, min(int(classes), m - 1))
         nearest = pairs.nan_to_num(nan=0.0).topk(k, dim=1, largest=False).indices  # pred (inf) is never chosen
-        curved = curvature_radius(head, features.flatten(1), pred, bound.lower, bound.upper, nearest)
+        # the same rounding slack as the Lipschitz radius: the boundary proven is z = slack, not z = 0
+        slack = rounding_slack(logits, pred).gather(1, nearest)
+        curved = curvature_radius(head, features.flatten(1), pred, bound.lower, bound.upper, nearest, slack=slack)
         curved = torch.where(pairs.gather(1, nearest) > 0, curved / bound.features, 0.0)  # the gap must be positive
         pairs = pairs.scatter(1, nearest, torch.maximum(pairs.gather(1, nearest), curved))
     return Certificate(pred, _smallest(pairs), float(eps))

@@ -168,8 +168,8 @@ def _margins(y: torch.Tensor, v: torch.Tensor, offset: torch.Tensor, w1: torch.T
 
 @torch.no_grad()
 def curvature_radius(head: SoftplusMLP, features: torch.Tensor, pred: torch.Tensor, lower: torch.Tensor,
-                     upper: torch.Tensor, classes: torch.Tensor, *, bisections: int = 16, steps: int = 60,
-                     tol: float = TOLERANCE) -> torch.Tensor:
+                     upper: torch.Tensor, classes: torch.Tensor, *, slack: torch.Tensor | None = None,
+                     bisections: int = 16, steps: int = 60, tol: float = TOLERANCE) -> torch.Tensor:
     """Proven distances, in feature space, from ``features`` to ``head``'s decision boundaries.
 
     Args:
@@ -177,6 +177,9 @@ def curvature_radius(head: SoftplusMLP, features: torch.Tensor, pred: torch.Tens
         pred: (N,) the predicted class ``l`` per input.
         lower, upper: :func:`margin_curvature` of ``head``.
         classes: (N, k) the classes ``j`` to certify against, per input.
+        slack: (N, k) how far rounding may move each computed margin: the radius is to the set where
+            the exact margin ``z`` falls to ``slack`` (not 0), so a float32 margin within rounding of
+            the boundary never counts as certified.
         bisections, steps: bisection steps on ``eta`` and Nesterov steps per ``eta``.
         tol: the gradient norm a solution must reach to count.
 
@@ -189,6 +192,8 @@ def curvature_radius(head: SoftplusMLP, features: torch.Tensor, pred: torch.Tens
     w2, b2 = head.fc2.weight.to(torch.float64), head.fc2.bias.to(torch.float64)
     rows, cols = pred[:, None].expand(n, k).reshape(-1), classes.reshape(-1)
     v, offset = w2[rows] - w2[cols], b2[rows] - b2[cols]
+    if slack is not None:
+        offset = offset - slack.reshape(-1).to(offset)
     y0 = features.to(torch.float64).repeat_interleave(k, dim=0)
     bend, lift = lower[rows, cols].to(torch.float64), upper[rows, cols].to(torch.float64)
     z0, g0 = _margins(y0, v, offset, w1, b1)

@@ -130,6 +130,7 @@ class ModelSpec:
 
             if not timm.is_model(self.target):
                 raise CertifyFxError(f"this timm has no model {self.target!r}")
+            _check_timm_kwargs(self.target, self.kwargs)
             try:
                 return timm.create_model(self.target, pretrained=False, **self.kwargs)
             except TypeError as exc:
@@ -177,3 +178,38 @@ class ModelSpec:
             del sys.modules[name]
             raise CertifyFxError(f"model spec {self}: running {path} failed: {type(exc).__name__}: {exc}") from None
         return module
+
+
+def _timm_loading_options() -> frozenset[str]:
+    """The keyword arguments timm's builders consume themselves (weights to load, files to read,
+    configs to merge) rather than pass to the architecture, from timm's own signatures."""
+    import inspect
+
+    import timm
+    from timm.models import _builder
+
+    names = set()
+    for fn, own in ((timm.create_model, {"model_name"}), (_builder.build_model_with_cfg, {"model_cls", "variant"})):
+        names |= {p.name for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD} - own
+    return frozenset(names)
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _check_timm_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """A spec's kwargs describe the architecture only: timm's loading options (``pretrained``,
+    ``checkpoint_path``, ``pretrained_cfg``: they read or download files) and values that are not
+    plain numbers, strings or lists are refused, whether they come from the command line or a file."""
+    loading = sorted(set(kwargs) & _timm_loading_options())
+    if loading:
+        raise CertifyFxError(f"model {name}: keyword argument(s) {loading} make timm load or download weights or "
+                             "configs; a model spec takes architecture arguments only (load weights with --weights, "
+                             "or a checkpoint)")
+    odd = sorted(k for k, v in kwargs.items() if not _plain(v))
+    if odd:
+        raise CertifyFxError(f"model {name}: keyword argument(s) {odd} are not plain numbers, strings, booleans or "
+                             "lists")

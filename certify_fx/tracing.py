@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .bounds import registry
+from .bounds.module_state import unwrap_model
 from .errors import TraceError
 
 __all__ = ["CertifyTracer", "trace", "configured_input_shape", "example_input"]
@@ -36,27 +37,56 @@ class CertifyTracer(fx.Tracer):
         self._timm_leaves, functions = _timm_notrace()
         super().__init__(autowrap_functions=functions)
         self._extra_leaves = extra_leaves
+        self.failed_in: tuple[str, nn.Module] | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module whose forward failed
+                self.failed_in = (self.path_of_module(m), m)
+            raise
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._extra_leaves) or type(m) in self._timm_leaves or registry.module_rule(m) is not None:
             return True
+        if registry.registered_base(m) is not None:
+            return False  # a rule's type whose instance or subclass changes a method: trace what it computes
         return super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(model: nn.Module, extra_leaves: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model`` into a GraphModule (returned as is if it already is one)."""
+    """Symbolically trace ``model`` into a GraphModule (returned as is if it already is one; a
+    ``torch.compile`` or ``DataParallel`` wrapper is traced as the module it runs)."""
+    model = unwrap_model(model)
     if isinstance(model, fx.GraphModule):
         return model
+    tracer = CertifyTracer(extra_leaves)
     try:
-        graph = CertifyTracer(extra_leaves).trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:  # torch.fx raises many types; report one clear error
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "Data-dependent control flow (if/for on tensor values) is not traceable; move it into a "
-            "leaf module or rewrite it with tensor ops"
-        ) from exc
+        raise TraceError(_trace_failure(model, tracer.failed_in, exc)) from exc
     name = type(model).__name__
     return fx.GraphModule(model, graph, class_name=name)
+
+
+def _trace_failure(model: nn.Module, failed_in: tuple[str, nn.Module] | None, exc: Exception) -> str:
+    where = ""
+    if failed_in is not None:
+        path, module = failed_in
+        where = f" in node '{path}' ({type(module).__qualname__})"
+    message = (f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. Symbolic "
+               "tracing runs forward on placeholders, so Python that needs a real value fails there (if/for on a "
+               "tensor, float(), int() or len() of a tensor or of its size, a size passed to a Python function); "
+               "rewrite it with tensor ops, or move it into a leaf module")
+    if failed_in is not None:
+        cls = type(failed_in[1])
+        base = next((b for b in cls.__mro__[1:] if b in registry.MODULE_RULES), None)
+        if base is not None:
+            message += (f". {cls.__qualname__} subclasses {base.__qualname__} and changes a method, so the rule for "
+                        f"{base.__qualname__} does not cover it and its forward was traced; if it computes a map you "
+                        "can bound, register a rule for it with certify_fx.register_module_rule")
+    return message
 
 
 def configured_input_shape(model: nn.Module) -> tuple[int, ...] | None:

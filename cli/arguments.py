@@ -39,7 +39,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-classes", type=int, default=None, help="number of classes")
     g.add_argument("--in-chans", type=int, default=None, help="input channels (timm models), e.g. 1 for grey images")
     g.add_argument("--kwarg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
-                   help="another keyword argument of the model (repeatable; values are YAML)")
+                   help="another architecture argument of the model (repeatable; values are YAML). timm's loading "
+                   "options (pretrained, checkpoint_path, pretrained_cfg, ...) are refused: use --weights")
     g.add_argument("--weights", "--checkpoint", "--pretrained-file", dest="weights", default=None, metavar="FILE",
                    help="load these weights strictly: a state_dict .pt/.pth, .safetensors or a certify-fx file")
     g.add_argument("--trust-source", action="store_true",

@@ -9,6 +9,7 @@ Random arguments cover each op's accepted range (slopes, alphas, clamp bounds, s
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -716,9 +717,9 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
     ("softplus_jump_F", lambda: _Single(lambda x, m: F.softplus(x, 1.0, 1.0)), "activations.softplus"),
     ("celu_negative", lambda: _Single(lambda x, m: F.celu(x, -1.0)), "activations.celu"),
     ("celu_module_negative", lambda: _Single(lambda x, m: m(x), nn.CELU(-0.5)), "activations.celu_module"),
-    ("softmax_batch", lambda: _Single(lambda x, m: F.softmax(x, dim=0)), "activations.softmax_function"),
+    ("softmax_batch", lambda: _Single(lambda x, m: F.softmax(x, dim=0)), None),
     ("softmax_no_dim", lambda: _Single(lambda x, m: m(x), nn.Softmax()), "activations.softmax_module"),
-    ("sum_batch", lambda: _Single(lambda x, m: x - x.sum(0, keepdim=True)), "pooling.reduce"),
+    ("sum_batch", lambda: _Single(lambda x, m: x - x.sum(0, keepdim=True)), None),
     ("mean_all", lambda: _Single(lambda x, m: x - x.mean()), "pooling.reduce"),
     ("amax_all", lambda: _Single(lambda x, m: x - torch.amax(x)), "activations.amax"),
     ("max_all", lambda: _Single(lambda x, m: x - x.max()), "activations.max_"),
@@ -726,10 +727,10 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
     ("sort_indices", lambda: _Single(lambda x, m: x.sort(1).indices.float()), "shape.getattr_"),
     ("pool_indices", lambda: _Single(lambda x, m: F.max_pool2d(x, 3, 1, 1, return_indices=True)[1].float()),
      "shape.getitem"),
-    ("flip_batch", lambda: _Single(lambda x, m: x.flip(0)), "shape.flip_method"),
+    ("flip_batch", lambda: _Single(lambda x, m: x.flip(0)), None),
     ("roll_flat", lambda: _Single(lambda x, m: x.roll(3)), "shape.roll"),
-    ("cat_batch", lambda: _Single(lambda x, m: torch.cat([x, x], 0)), "shape.cat"),
-    ("permute_batch", lambda: _Single(lambda x, m: x.permute(1, 0, 2, 3)), "shape.permute_method"),
+    ("cat_batch", lambda: _Single(lambda x, m: torch.cat([x, x], 0)), None),
+    ("permute_batch", lambda: _Single(lambda x, m: x.permute(1, 0, 2, 3)), None),
     ("index_batch", lambda: _Single(lambda x, m: x[[1, 0, 1]]), None),
     ("interpolate_bicubic", lambda: _Single(lambda x, m: F.interpolate(x, scale_factor=2, mode="bicubic")),
      "pooling.interpolate"),
@@ -762,3 +763,217 @@ class _TupleOut(nn.Module):
 
     def forward(self, x):
         return self.fc(x.flatten(1)), x
+
+
+# -- what a rule must not trust (a rule covers its exact type; a forward is one pure function) ----
+#: methods a rule could rely on besides ``forward``: a subclass that overrides one changes the map
+_OVERRIDABLE = ("forward", "_conv_forward", "theta", "expand", "skew_kernel", "normalized_weight", "folded_weight")
+
+
+def _scaled_output(value, factor: float):
+    if isinstance(value, torch.Tensor):
+        return value * factor
+    if isinstance(value, tuple):
+        return tuple(_scaled_output(v, factor) for v in value)
+    return value
+
+
+def subclass_with_override(cls: type, method: str, factor: float) -> type:
+    """A subclass of ``cls`` whose ``method`` returns its tensors scaled by ``factor``."""
+    original = getattr(cls, method)
+
+    def overridden(self, *args, **kwargs):
+        return _scaled_output(original(self, *args, **kwargs), factor)
+
+    return type(f"Scaled{cls.__name__}", (cls,), {method: overridden})
+
+
+def subclassed(model: nn.Module, r: random.Random) -> nn.Module | None:
+    """A copy of ``model`` where every module of a type with a rule is an instance of a subclass
+    overriding one of the methods it has (``forward``, ``_conv_forward``, ``theta``, ...); None if
+    the model has no such module."""
+    from certify_fx.bounds import registry
+
+    model = copy.deepcopy(model)
+    swapped = False
+    for module in model.modules():
+        cls = type(module)
+        if registry.module_rule(module) is None or module is model:
+            continue
+        method = r.choice([m for m in _OVERRIDABLE if callable(getattr(cls, m, None))])
+        module.__class__ = subclass_with_override(cls, method, r.choice([0.25, 3.0]))
+        swapped = True
+    return model if swapped else None
+
+
+def _conv_variants() -> list[tuple[str, Callable[[], nn.Module]]]:
+    """Every kind of conv a block may hold: each attribute that changes the map, transposition,
+    and a subclass that scales its output."""
+    scaled = subclass_with_override(nn.Conv2d, "_conv_forward", 3.0)
+    return [
+        ("plain", lambda: nn.Conv2d(4, 4, 3, padding=1)),
+        ("circular", lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")),
+        ("replicate", lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate")),
+        ("reflect", lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
+        ("dilation", lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2)),
+        ("groups", lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2)),
+        ("stride", lambda: nn.Conv2d(4, 4, 3, padding=1, stride=2)),
+        ("pointwise", lambda: nn.Conv2d(4, 4, 1)),
+        ("transposed", lambda: nn.ConvTranspose2d(4, 4, 3, padding=1)),
+        ("subclass", lambda: scaled(4, 4, 3, padding=1)),
+    ]
+
+
+class _WithHead(nn.Module):
+    """``body`` followed by a dense head to ``CLASSES`` logits."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body, self.head = body, nn.Linear(64, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+def container_variants() -> list[tuple[str, Callable[[], nn.Module]]]:
+    """LiResNetBlock and LinearBottleneck holding each conv variant (with random weights)."""
+    cases = []
+    for name, conv in _conv_variants():
+        def liresnet(conv=conv):
+            block = cnn.LiResNetBlock(4)
+            block.conv = conv()
+            return _WithHead(block)
+
+        cases.append((f"liresnet_block_{name}", liresnet))
+        cases.append((f"linear_bottleneck_{name}", lambda conv=conv: _WithHead(cnn.LinearBottleneck([conv(), conv()]))))
+    return cases
+
+
+class _BatchValue(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn, self.head, self.cls = fn, nn.Linear(64, CLASSES), nn.Parameter(torch.randn(1, 1, 16))
+
+    def forward(self, x):
+        return self.fn(x, self.head(x.flatten(1)), self)
+
+
+#: values read from the batch size: each must be refused (True) or is a size only (False)
+BATCH_VALUES: list[tuple[str, Callable, bool]] = [
+    ("times_batch", lambda x, y, m: y * x.shape[0], True),
+    ("times_size0", lambda x, y, m: y * x.size(0), True),
+    ("times_size", lambda x, y, m: y * x.size()[0], True),
+    ("times_numel", lambda x, y, m: y * (x.numel() / 64), True),
+    ("times_last_dim_of_batch", lambda x, y, m: y * x.shape[-4], True),
+    ("plus_arange", lambda x, y, m: y + torch.arange(x.shape[0])[:, None], True),
+    ("over_ones_sum", lambda x, y, m: y / x.new_ones(x.shape[0]).sum(), True),
+    ("batch_condition", lambda x, y, m: y * (1 + 10 * (x.shape[0] == 1)), True),
+    ("cat_scaled_rows", lambda x, y, m: torch.cat([y, torch.arange(x.shape[0]).float()[:, None]], 1), True),
+    ("expand_times_arange", lambda x, y, m: torch.cat(
+        [m.cls.expand(x.shape[0], -1, -1) * torch.arange(x.shape[0]).view(-1, 1, 1), x.flatten(2)], 1)
+        .flatten(1)[:, :64] @ m.head.weight.T, True),
+    ("broadcast_of_a_batch_reduction", lambda x, y, m: y * (1 + 100 * (torch.ones_like(y)[:, :1].cumsum(0) > 5)
+                                                            .any(0, keepdim=True).expand(x.shape[0], 1).float()), True),
+    ("view_batch", lambda x, y, m: y.view(x.shape[0], -1), False),
+    ("reshape_size", lambda x, y, m: y.reshape(x.size(0), CLASSES), False),
+    ("over_channels", lambda x, y, m: y / x.shape[1], False),
+    ("over_last_dim", lambda x, y, m: y / x.shape[-1], False),
+    ("cat_new_zeros", lambda x, y, m: torch.cat([y, x.new_zeros(x.shape[0], 1)], 1), False),
+    ("cat_zeros_like", lambda x, y, m: torch.cat([y, torch.zeros_like(y)[:, :1]], 1), False),
+    ("cls_token", lambda x, y, m: torch.cat([m.cls.expand(x.shape[0], -1, -1), x.flatten(2)], 1)
+        .flatten(1)[:, :64] @ m.head.weight.T, False),
+]
+
+
+def batch_value_model(fn) -> nn.Module:
+    return _BatchValue(fn).eval()
+
+
+class _Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+class _ScaledByCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = 1
+
+    def forward(self, x):
+        self.k = self.k + 1
+        return x * self.k
+
+
+class _BufferCounter(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.register_buffer("k", torch.ones(()))
+
+    def forward(self, x):
+        if self.inplace:
+            self.k += 1
+        else:
+            self.k = self.k + 1
+        return x * self.k
+
+
+class _PythonRandom(nn.Module):
+    def forward(self, x):
+        return x * (1 + random.random())
+
+
+class _PythonTime(nn.Module):
+    """A value read once at tracing (from a Python attribute changed between calls elsewhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = [1.0]
+
+    def forward(self, x):
+        self.state[0] += 1.0
+        return x * self.state[0]
+
+
+class CachedWeight(nn.Module):
+    """Caches its normalised weight on the first call, as public Lipschitz-network code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.weight / self.weight.norm()
+        return F.conv2d(x, self.cache[:, :, None, None])
+
+
+#: forwards that change state or are not one function: (name, model, the attribute named or None)
+STATEFUL: list[tuple[str, Callable[[], nn.Module], str | None]] = [
+    ("counter", lambda: _WithHead(_Counter()), "body.calls"),
+    ("scaled_by_calls", lambda: _WithHead(_ScaledByCalls()), "body.k"),
+    ("buffer_counter", lambda: _WithHead(_BufferCounter(False)), "body.k"),
+    ("buffer_counter_inplace", lambda: _WithHead(_BufferCounter(True)), "body.k"),
+    ("python_random", lambda: _WithHead(_PythonRandom()), None),
+    ("python_list_state", lambda: _WithHead(_PythonTime()), None),
+]
+
+
+def instance_override(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose modules with a rule get an instance-level ``forward`` that scales."""
+    from certify_fx.bounds import registry
+
+    model = copy.deepcopy(model)
+    swapped = False
+    for module in model.modules():
+        if module is not model and registry.module_rule(module) is not None:
+            forward = module.forward
+            module.forward = lambda *a, _f=forward, **k: _scaled_output(_f(*a, **k), 3.0)
+            swapped = True
+    return model if swapped else None

@@ -10,6 +10,7 @@ Fixed seeds in the fast suite; ``-m slow`` draws many more graphs.
 """
 
 import copy
+import random
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ import certify_fx as cfx
 from certify_fx.bounds import registry
 from certify_fx.bounds.compiler import Evaluator
 from conftest import empirical_margin_lipschitz, exact_margin_norms, pgd_l2
-from graphs import REFUSALS, SHAPE, VOCABULARY, Drawn, draw
+from graphs import (BATCH_VALUES, REFUSALS, SHAPE, STATEFUL, VOCABULARY, CachedWeight, Drawn, batch_value_model,
+                    container_variants, draw, instance_override, subclassed)
 
 LINEAR = [o for o in VOCABULARY if o.linear]
 NONLINEAR = [o for o in VOCABULARY if o.autograd]
@@ -111,3 +113,71 @@ def test_every_rule_is_drawn_or_refused(monkeypatch):
     exercised = set().union(*applied.values())
     missing = {r.name for r in registry.all_rules()} - exercised
     assert not missing, f"rules without a draw in tests/graphs.py: {sorted(missing)}"
+
+
+def sound_or_refused(model: torch.nn.Module) -> str:
+    """Check ``model``'s bound (exact for linear models, gradient-ascent + PGD otherwise), or that
+    it is refused with an error naming a node; returns "bounded" or "refused"."""
+    try:
+        cfx.bound(model, SHAPE, estimate_steps=0)
+    except cfx.CertifyFxError as exc:
+        assert "node '" in str(exc), str(exc)
+        return "refused"
+    check_nonlinear(model, restarts=1, steps=20)
+    return "bounded"
+
+
+@pytest.mark.parametrize("index", range(len(NONLINEAR)))
+def test_subclasses_of_leaf_types_are_sound_or_refused(index):
+    """A rule covers its exact type: a subclass overriding forward, _conv_forward, theta, expand,
+    ... is traced into (and bounded by what it computes) or refused."""
+    r = random.Random(index)
+    for seed in range(3):
+        drawn = draw(index, seed=seed)
+        for model in (subclassed(drawn, r), instance_override(drawn)):
+            if model is not None:
+                sound_or_refused(model.eval())
+
+
+@pytest.mark.parametrize("name,make", container_variants(), ids=[c[0] for c in container_variants()])
+def test_container_leaves_with_each_conv_variant(name, make):
+    outcome = sound_or_refused(make().eval())
+    if name.endswith("_plain") or name == "linear_bottleneck_pointwise":
+        assert outcome == "bounded"
+
+
+@pytest.mark.parametrize("name,fn,refused", BATCH_VALUES, ids=[b[0] for b in BATCH_VALUES])
+def test_values_from_the_batch_size(name, fn, refused):
+    model = batch_value_model(fn)
+    if refused:
+        with pytest.raises(cfx.CertifyFxError, match="batch") as info:
+            cfx.bound(model, SHAPE, estimate_steps=0)
+        assert "node '" in str(info.value)
+    else:
+        check_nonlinear(model, restarts=1, steps=10)
+
+
+@pytest.mark.parametrize("name,make,attribute", STATEFUL, ids=[s[0] for s in STATEFUL])
+def test_stateful_forwards_are_refused_naming_the_attribute(name, make, attribute):
+    model = make().eval()
+    before = copy.deepcopy(model.state_dict()), copy.deepcopy({k: v for k, v in vars(model.body).items()
+                                                                  if not k.startswith("_")})
+    with pytest.raises(cfx.CertifyFxError) as info:
+        cfx.bound(model, SHAPE, estimate_steps=0)
+    if attribute is not None:
+        assert f"'{attribute}'" in str(info.value)
+    after = model.state_dict(), {k: v for k, v in vars(model.body).items() if not k.startswith("_")}
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]), "bounding changed a buffer"
+    assert repr(before[1]) == repr(after[1]), "bounding changed an attribute"
+
+
+def test_a_forward_that_caches_is_bounded_and_left_as_it_was():
+    model = torch.nn.Sequential(CachedWeight(), torch.nn.Flatten(), torch.nn.Linear(64, 5)).eval()
+    b = cfx.bound(model, SHAPE, estimate_steps=0)
+    assert model[0].cache is None  # tracing wrote a Proxy there; it is put back
+    assert b.sound
+    for i, j in PAIRS:  # a fresh copy per pair: its first forward fills its own cache, in float64
+        lower = empirical_margin_lipschitz(copy.deepcopy(model).double(), SHAPE, i, j, restarts=1, steps=20)
+        assert b.margin[i, j].item() >= lower * (1 - 1e-6)
+    with torch.no_grad():
+        assert isinstance(model(torch.rand(2, *SHAPE)), torch.Tensor)

@@ -31,8 +31,9 @@ from torch import nn
 from ..errors import CertifyFxError, UnsupportedNodeError
 from ..tracing import example_input, trace
 from . import registry, rules
-from .dependence import Dependence, check_hooks, check_mutations, input_dependence
+from .dependence import Dependence, check_hooks, check_mutations, input_dependence, nodes_in as _nodes_in
 from .fingerprint import Fingerprint, model_fingerprint
+from .module_state import ModuleState, unwrap_model
 from .norms import SAFETY
 from .operators import Compose, Dense, Identity, LinearOperator, compose, has_exact_bound, materialized_bound
 from .power_iteration import power_iteration
@@ -134,22 +135,38 @@ def _float(value: Any) -> float:
 
 @dataclass
 class Recording:
-    """One example run: per-node shapes and dtypes of tensors, values of shape-only nodes, and the
-    dependence class of every node."""
+    """One example run: per-node shapes and dtypes of tensors, values of the nodes computed from the
+    input's shape alone (``SHAPE``, ``BROADCAST``, ``BATCH``), and the dependence class of every node."""
 
     shapes: dict[str, Shape]
     dtypes: dict[str, torch.dtype]
     values: dict[str, Any]
     dependence: dict[fx.Node, Dependence]
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  #: per-row summaries of input-dependent tensors
+    output: Any = None
+    #: input-dependent nodes whose rows differ between the batch of 2 and the reordered batch of 3
+    batch_dependent: set[str] = field(default_factory=set)
+
+
+_RECORDED = (Dependence.SHAPE, Dependence.BROADCAST, Dependence.BATCH)
+
+
+def _row_summary(t: torch.Tensor) -> torch.Tensor:
+    """(batch, 2) float64: each row's norm and its projection on a fixed pattern; a value that
+    depends on the batch size or on the row's position moves one of them."""
+    flat = t.detach().reshape(t.shape[0], -1).to(torch.float64)
+    pattern = torch.sin(0.7 * torch.arange(flat.shape[1], dtype=torch.float64, device=flat.device) + 0.3)
+    return torch.stack([flat.norm(dim=1), flat @ pattern], 1).cpu()
 
 
 class _Recorder(fx.Interpreter):
     """Runs the graph once on an example batch and records what :class:`Recording` holds."""
 
-    def __init__(self, gm: fx.GraphModule, dependence: dict[fx.Node, Dependence]) -> None:
+    def __init__(self, gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], batch: int) -> None:
         super().__init__(gm)
         self.extra_traceback = False
         self.dependence = dependence
+        self.batch = batch
         self.recording = Recording({}, {}, {}, dependence)
 
     def run_node(self, n: fx.Node) -> Any:
@@ -158,29 +175,36 @@ class _Recorder(fx.Interpreter):
         except Exception as exc:
             raise _node_error(self.module, n, f"failed on an example input: {type(exc).__name__}: {exc}",
                               "check input_shape, or that the module accepts a batch of that shape") from exc
-        if isinstance(result, torch.Tensor):
-            self.recording.shapes[n.name] = tuple(result.shape)
-            self.recording.dtypes[n.name] = result.dtype
-        elif isinstance(result, (tuple, list)):
-            for i, part in enumerate(result):
-                if isinstance(part, torch.Tensor):
-                    self.recording.shapes[f"{n.name}.{i}"] = tuple(part.shape)
-                    self.recording.dtypes[f"{n.name}.{i}"] = part.dtype
-        if self.dependence.get(n) == Dependence.SHAPE:
+        parts = [(n.name, result)] if isinstance(result, torch.Tensor) else (
+            [(f"{n.name}.{i}", p) for i, p in enumerate(result)] if isinstance(result, (tuple, list)) else [])
+        level = self.dependence.get(n)
+        for key, part in parts:
+            if isinstance(part, torch.Tensor):
+                self.recording.shapes[key] = tuple(part.shape)
+                self.recording.dtypes[key] = part.dtype
+                batched = part.dim() and part.shape[0] == self.batch and part.is_floating_point()
+                if level == Dependence.INPUT and batched:
+                    self.recording.rows[key] = _row_summary(part)
+        if level in _RECORDED:
             self.recording.values[n.name] = result
+        if n.op == "output":
+            self.recording.output = result
         return result
 
 
-def _run_example(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], input_shape: tuple[int, ...],
-                 batch: int) -> Recording:
-    recorder = _Recorder(gm, dependence)
+def _example_batch(input_shape: tuple[int, ...], batch: int, gm: nn.Module) -> torch.Tensor:
     params = next(iter(gm.parameters()), None)
     dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
     device = params.device if params is not None else "cpu"
+    return example_input(tuple(input_shape), batch, dtype, device)
+
+
+def _run_example(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], x: torch.Tensor) -> Recording:
+    recorder = _Recorder(gm, dependence, x.shape[0])
     saved = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         with torch.no_grad():
-            recorder.run(example_input(tuple(input_shape), batch, dtype, device))
+            recorder.run(x)
     finally:
         for buffer, value in saved:
             buffer.data = value  # by value: a run may have resized a buffer
@@ -193,36 +217,98 @@ def _check_batch_dim(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], 
     if len(input_shape) < 2 or input_shape[0] != 1:
         return
     try:
-        _run_example(gm, dependence, input_shape[1:], _EXAMPLE_BATCH)
+        _run_example(gm, dependence, _example_batch(input_shape[1:], _EXAMPLE_BATCH, gm))
     except Exception:
         return
     raise CertifyFxError(f"input_shape {tuple(input_shape)} seems to include a batch dimension; give one input's "
                          f"shape without batch: {tuple(input_shape[1:])}")
 
 
+#: the batch of 3 holds the batch of 2's rows at these positions (and a new row at 1)
+_REORDERED = {0: 2, 1: 0}
+
+
+def _reordered(x: torch.Tensor) -> torch.Tensor:
+    fresh = torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(1), dtype=x.dtype).to(x.device)
+    return torch.stack([x[1], fresh, x[0]])
+
+
+def _rows_agree(two: torch.Tensor, three: torch.Tensor, rtol: float = 1e-4) -> bool:
+    for i, j in _REORDERED.items():
+        a, b = two[i], three[j]
+        if torch.isnan(a).any() or torch.isnan(b).any():
+            if not torch.equal(torch.isnan(a), torch.isnan(b)):
+                return False
+            continue
+        if not bool(((a - b).abs() <= rtol * max(float(a[0]), float(b[0])) + 1e-6).all()):
+            return False
+    return True
+
+
+def _row_uniform(value: Any, batch: int) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+            and bool((value == value[:1]).all()))
+
+
+def _checked_broadcasts(gm: fx.GraphModule, ndims: dict[str, int], two: Recording,
+                        three: Recording) -> dict[fx.Node, Dependence]:
+    """The dependence classes once every ``BROADCAST`` value has been seen to be one constant row,
+    the same at both batch sizes; one that is not counts as ``BATCH``, and so does everything
+    computed from it (then refused where it would reach a value)."""
+    dependence, forced = two.dependence, {}
+    while True:
+        failing = {node: Dependence.BATCH for node, level in dependence.items() if level == Dependence.BROADCAST
+                   and not _same_row_at_both_sizes(two.values.get(node.name), three.values.get(node.name))}
+        if not failing:
+            return dependence
+        forced.update(failing)
+        dependence = input_dependence(gm, ndims, forced)
+
+
+def _same_row_at_both_sizes(two: Any, three: Any) -> bool:
+    return (_row_uniform(two, _EXAMPLE_BATCH) and _row_uniform(three, _EXAMPLE_BATCH + 1)
+            and torch.equal(two[0], three[0]))
+
+
+def _check_batch_independence(gm: fx.GraphModule, two: Recording, three: Recording) -> None:
+    """Every input-dependent tensor keeps the batch in front, and one input's values do not depend
+    on the batch size or on the input's position in the batch (a node whose rows differ is refused
+    by the evaluator, after its rule)."""
+    dependence = two.dependence
+    input_nodes = {n.name: n for n, d in dependence.items() if d == Dependence.INPUT}
+    for key, shape2 in two.shapes.items():  # keys are node names, or "name.i" for tuple parts
+        node, shape3 = input_nodes.get(key.split(".")[0]), three.shapes.get(key)
+        if node is None or not shape2 or shape2[0] != _EXAMPLE_BATCH or shape3 is None:
+            continue  # a batch dim that is visibly gone is refused by the node's rule, with its reason
+        if not shape3 or shape3[0] != _EXAMPLE_BATCH + 1 or shape2[1:] != shape3[1:]:
+            raise _node_error(gm, node, f"the batch dimension does not stay in front (shape {shape2} for a batch "
+                              f"of 2, {shape3} for a batch of 3): the operation mixes examples of a batch",
+                              "keep the batch as dim 0 and use x.shape[0] for it")
+        if key in two.rows and key in three.rows and not _rows_agree(two.rows[key], three.rows[key]):
+            two.batch_dependent.add(node.name)  # refused after the node's rule, whose reason comes first
+
+
 def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Recording:
-    """Run ``gm`` on an example batch of 2 (and of 3, to prove that every input-dependent tensor keeps
-    the batch in front and nothing else depends on the batch size); buffers are restored."""
+    """Run ``gm`` on an example batch of 2, and of 3 holding the same inputs in another order, to
+    prove that every input-dependent tensor keeps the batch in front and that nothing of one input
+    depends on the batch size or order; buffers are restored."""
     dependence = input_dependence(gm)
+    x = _example_batch(input_shape, _EXAMPLE_BATCH, gm)
     try:
-        recording = _run_example(gm, dependence, input_shape, _EXAMPLE_BATCH)
+        recording = _run_example(gm, dependence, x)
     except UnsupportedNodeError:
         _check_batch_dim(gm, dependence, input_shape)
         raise
+    # negative indices into a shape (x.shape[-1]) resolved with each tensor's number of dims
+    ndims = {key: len(shape) for key, shape in recording.shapes.items()}
+    recording.dependence = dependence = input_dependence(gm, ndims)
     try:
-        other = _run_example(gm, dependence, input_shape, _EXAMPLE_BATCH + 1)
+        other = _run_example(gm, dependence, _reordered(x))
     except UnsupportedNodeError as exc:
         raise UnsupportedNodeError(exc.node, exc.op, "the model fails on a batch of another size (it depends on "
                                    f"the batch size): {exc.reason}", "use the batch size from x.shape[0]") from None
-    input_nodes = {n.name: n for n, d in dependence.items() if d == Dependence.INPUT}
-    for key, two in recording.shapes.items():  # keys are node names, or "name.i" for tuple parts
-        node, three = input_nodes.get(key.split(".")[0]), other.shapes.get(key)
-        if node is None or not two or two[0] != _EXAMPLE_BATCH or three is None:
-            continue  # a batch dim that is visibly gone is refused by the node's rule, with its reason
-        if not three or three[0] != _EXAMPLE_BATCH + 1 or two[1:] != three[1:]:
-            raise _node_error(gm, node, f"the batch dimension does not stay in front (shape {two} for a batch of "
-                              f"2, {three} for a batch of 3): the operation mixes examples of a batch",
-                              "keep the batch as dim 0 and use x.shape[0] for it")
+    recording.dependence = other.dependence = _checked_broadcasts(gm, ndims, recording, other)
+    _check_batch_independence(gm, recording, other)
     return recording
 
 
@@ -250,9 +336,70 @@ def check_structure(model: nn.Module, gm: fx.GraphModule) -> None:
                  "remove it, or call model.eval()")
 
 
+def _traced(model: nn.Module) -> fx.GraphModule:
+    """Trace ``model`` and put back whatever tracing wrote into it (a forward that assigns an
+    attribute leaves a ``torch.fx.Proxy`` there; fx stores tensor constants on the root)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    state = ModuleState(model)
+    try:
+        return trace(model)
+    finally:
+        state.restore()
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return False
+        a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        scale = float(torch.nan_to_num(a.abs(), posinf=0.0).max()) if a.numel() else 0.0
+        return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale + 1e-7, equal_nan=True))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_outputs(p, q) for p, q in zip(a, b))
+    return type(a) is type(b)
+
+
+def check_pure_forward(model: nn.Module, gm: fx.GraphModule, recording: Recording, input_shape: Shape) -> None:
+    """Refuse a forward that is not one function of its input: one that changes the model's state
+    on every call (a counter, a buffer it writes), gives two answers on the same input (Python
+    randomness), or computes something else than the traced graph (a value baked in at tracing).
+    A value cached on the first call (the same on every later call) is accepted. The model is left
+    exactly as it was."""
+    if isinstance(model, fx.GraphModule) and model is gm:
+        return
+    x = _example_batch(input_shape, _EXAMPLE_BATCH, gm)
+    before = ModuleState(model)
+    try:
+        with torch.no_grad():
+            first = model(x)
+            after_first = ModuleState(model)
+            second = model(x)
+        changed = after_first.changes()
+    except Exception as exc:
+        raise _node_error(gm, None, f"the model's forward fails on an example input: {type(exc).__name__}: {exc}",
+                          "check input_shape") from exc
+    finally:
+        before.restore()
+    if changed:
+        raise _node_error(gm, None, f"forward changes the model's state on every call ('{changed[0]}'), so the "
+                          "model is not one function of its input", "compute the value in forward without storing "
+                          "it, or keep it as a parameter or buffer that forward only reads")
+    if not _same_outputs(first, second):
+        raise _node_error(gm, None, "two runs of the model on the same input differ (Python randomness, or state "
+                          "read in forward), so no certificate holds", "make forward deterministic: no random, no "
+                          "state that changes between calls")
+    if not _same_outputs(first, recording.output):
+        raise _node_error(gm, None, "the traced graph computes something else than the model's forward (a value "
+                          "read once at tracing, such as random.random() or a Python attribute, was baked in)",
+                          "compute that value with tensor ops inside forward, or make it a buffer")
+
+
 def traced_and_recorded(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[fx.GraphModule, Recording]:
-    """Trace ``model``, check its structure, record an example run and check its in-place ops."""
-    gm = trace(model)
+    """Trace ``model`` (a known wrapper is unwrapped; the model is left as it was), check its
+    structure, record the example runs and check its in-place ops."""
+    model = unwrap_model(model)
+    gm = _traced(model)
     check_structure(model, gm)
     recording = record(gm, input_shape)
     check_mutations(gm, recording.dependence, recording.shapes, _fail_at(gm))
@@ -349,6 +496,12 @@ class Evaluator(fx.Interpreter):
 
     def _module_rule(self, module: nn.Module) -> registry.Rule:
         rule = registry.module_rule(module)
+        base = registry.registered_base(module)
+        if rule is None and base is not None:
+            self.fail(f"{type(module).__qualname__} changes a method of {base.__qualname__} (in its class or on the "
+                      f"instance), so the rule for {base.__qualname__} does not cover it",
+                      "keep the module's methods as they are, or register a rule for it with "
+                      "certify_fx.bounds.register_module_rule")
         if rule is None:
             self.fail(f"no Lipschitz rule for module type {type(module).__module__}.{type(module).__name__}",
                       "replace the module, or register a rule with certify_fx.bounds.register_module_rule")
@@ -371,6 +524,24 @@ class Evaluator(fx.Interpreter):
                 self.fail(f"argument '{name}' depends on the input, but rule {rule.name} bounds only {allowed}",
                           "make that argument a constant, or rewrite the op")
         return rule.fn(*bound.args, **bound.kwargs)
+
+    def _check_batch_arguments(self, n: fx.Node, rule: registry.Rule) -> None:
+        """Refuse a value derived from the batch size (``x.shape[0]``, ``arange(batch)``) anywhere but
+        in the sizes of a reshape or expand: one input's certificate cannot depend on its batch."""
+        fixed = (None, None) if rule.is_module else (None,)
+        try:
+            bound = rule.signature.bind(*fixed, *n.args, **n.kwargs)
+        except TypeError:
+            return  # apply() refuses the call with the reason
+        for name, value in list(bound.arguments.items())[len(fixed):]:
+            if name in rule.sizes or name in rule.shape_only:
+                continue
+            for arg in _nodes_in(value):
+                if self.recording.dependence.get(arg) == Dependence.BATCH:
+                    self.fail(f"argument '{name}' depends on the batch size (through node '{arg.name}'), so one "
+                              "input's output would change with the size or order of its batch",
+                              "use the batch size (x.shape[0]) only to size a reshape, an expand or a new tensor "
+                              "of constant rows")
 
     def lipschitz_of(self, value: Tracked, name: str) -> Lipschitz:
         """Bound and estimate of the Lipschitz constant of ``value`` w.r.t. the input (cached on it)."""
@@ -413,7 +584,7 @@ class Evaluator(fx.Interpreter):
         try:
             if n.op in _CALLS:
                 level = self.recording.dependence[n]
-                if level == Dependence.SHAPE:
+                if level in _RECORDED:
                     return self.recording.values[n.name]
                 if level == Dependence.INPUT:
                     return self._input_dependent(n)
@@ -437,6 +608,7 @@ class Evaluator(fx.Interpreter):
             if rule is None:
                 self.fail("no Lipschitz rule for this operation",
                           "rewrite it with supported ops, or register one with certify_fx.bounds.register_rule")
+        self._check_batch_arguments(n, rule)
         result = self.apply(rule, args, kwargs, module)
         self._check_result(n, result)
         return result
@@ -449,6 +621,11 @@ class Evaluator(fx.Interpreter):
                       "remove the cast, or run the model in float32 (model.float())")
 
     def _check_result(self, n: fx.Node, result: Any) -> None:
+        if n.name in self.recording.batch_dependent:
+            self.fail("one input's values depend on the batch size or on its position in the batch (they differ "
+                      "between a batch of 2 and a batch of 3 holding the same inputs in another order)",
+                      "compute each example from its own row; use the batch size (x.shape[0]) only to size a "
+                      "reshape, an expand or a new tensor")
         if isinstance(result, Tracked):
             self._check_dtype(n.name)
             recorded = self.shapes.get(n.name)
@@ -560,14 +737,16 @@ class BoundCompiler(nn.Module):
         self.input_shape = _check_input_shape(input_shape)
         self.materialize_limit = materialize_limit
         # not submodules: see the class docstring
+        model = unwrap_model(model)
         self.__dict__["model"] = model
         gm, self._recording = traced_and_recorded(model, self.input_shape)
         self.__dict__["graph_module"] = gm
-        # after tracing: fx keeps tensor constants as attributes of the traced root
         self.structure = model_fingerprint(model, weights=False).structure
         self._iterate_names: dict[str, str] = {}
         with torch.no_grad():
             self.estimate(steps=0)  # discovers every operator and allocates its iterate
+        # after the rules, whose refusals say more (BatchNorm in training mode: "call model.eval()")
+        check_pure_forward(model, gm, self._recording, self.input_shape)
 
     # -- norms -----------------------------------------------------------------------------
     def _materialize(self, op: LinearOperator) -> bool:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .module_state import unwrap_model
+
 __all__ = ["Fingerprint", "model_fingerprint"]
 
 _PLAIN = (int, float, bool, str, type(None))
@@ -48,7 +50,9 @@ def _plain(value) -> bool:
 
 def model_fingerprint(model: nn.Module, weights: bool = True) -> Fingerprint:
     """The fingerprint of ``model`` now (one pass over its weights: cheap next to a forward pass);
-    ``weights=False`` skips the weights (for checking the structure only)."""
+    ``weights=False`` skips the weights (for checking the structure only). A known wrapper
+    (``torch.compile``, ``DataParallel``) has its inner module's fingerprint."""
+    model = unwrap_model(model)
     structure, mode, crc = 0, 0, 0
     for name, module in model.named_modules():
         hooks = (len(getattr(module, "_forward_hooks", ())), len(getattr(module, "_forward_pre_hooks", ())))

@@ -26,8 +26,14 @@ The contract:
   over the batch dimension is refused).
 * **Shape-only arguments.** ``shape_only`` lists parameters the op reads only for their shape,
   dtype or device (``view_as(other)``, ``.to(other)``); they may carry the input.
-* **Leaves.** A module type with a rule is a leaf for the tracer (:mod:`certify_fx.tracing`), so
-  its rule, not its traced body, bounds it.
+* **Sizes.** ``sizes`` lists parameters read as sizes of the result (``view(batch, -1)``,
+  ``expand(batch, ...)``): they alone may carry a value derived from the batch size; the rule
+  works from the recorded output shape, which the example runs check at two batch sizes.
+* **Leaves.** A module rule covers its type, which is a leaf for the tracer
+  (:mod:`certify_fx.tracing`), and subclasses that only construct; a subclass that defines a method
+  or property is traced into. A rule for a container (a block that
+  holds convs) applies its parts' rules through ``ev.apply_module``, or checks every attribute of
+  the parts that changes their map and refuses what it does not recognise.
 * **Aliasing.** ``may_alias=True`` marks ops whose output may share storage with an input (views,
   identities), which the in-place check (:mod:`.dependence`) follows.
 
@@ -50,7 +56,7 @@ from .operators import LinearOperator
 from .values import Lipschitz, Shape, Tracked
 
 __all__ = [
-    "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule",
+    "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule", "registered_base",
     "all_rules", "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES",
 ]
 
@@ -93,6 +99,7 @@ class Rule:
     may_alias: bool
     signature: inspect.Signature
     shape_only: frozenset[str] = frozenset()
+    sizes: frozenset[str] = frozenset()
 
     def shape_only_positions(self) -> frozenset:
         """Positions and keywords of the call whose input dependence is through their shape only."""
@@ -121,29 +128,31 @@ INPLACE_OPERATORS: dict[Any, Any] = {
 
 
 def _make(fn: Callable, inputs: tuple[str, ...], is_module: bool, may_alias: bool,
-          shape_only: tuple[str, ...] = ()) -> Rule:
+          shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = ()) -> Rule:
     signature = inspect.signature(fn)
     params = list(signature.parameters.values())
     fixed = 2 if is_module else 1
     if any(p.kind is p.VAR_KEYWORD for p in params):
         raise TypeError(f"rule {fn.__name__} takes **kwargs; name every argument it accounts for")
     names = {p.name for p in params[fixed:]}
-    missing = (set(inputs) | set(shape_only)) - names
+    missing = (set(inputs) | set(shape_only) | set(sizes)) - names
     if missing:
         raise TypeError(f"rule {fn.__name__} declares inputs {sorted(missing)} that are not parameters")
-    return Rule(fn, frozenset(inputs), is_module, may_alias, signature, frozenset(shape_only))
+    return Rule(fn, frozenset(inputs), is_module, may_alias, signature, frozenset(shape_only), frozenset(sizes))
 
 
 def register_rule(*targets: Any, inputs: tuple[str, ...] = ("input",), may_alias: bool = False,
-                  shape_only: tuple[str, ...] = ()):
+                  shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = ()):
     """Register ``rule(ev, ...)`` for functions (callables) and Tensor methods (names).
 
     ``shape_only`` names parameters whose shape, dtype or device alone the op reads
     (``view_as(other)``): they may carry the input, and count as shape-only in the dataflow.
+    ``sizes`` names parameters read as the result's sizes (``view(*shape)``): the only ones that
+    may hold the batch size.
     """
 
     def deco(fn: Callable) -> Callable:
-        rule = _make(fn, inputs, False, may_alias, shape_only)
+        rule = _make(fn, inputs, False, may_alias, shape_only, sizes)
         for t in targets:
             (METHOD_RULES if isinstance(t, str) else FUNCTION_RULES)[t] = rule
         return fn
@@ -156,7 +165,12 @@ register_function_rule = register_rule
 
 
 def register_module_rule(*types: type[nn.Module], inputs: tuple[str, ...] = ("input",), may_alias: bool = False):
-    """Register ``rule(ev, module, ...)`` for modules of these types (and subclasses keeping ``forward``)."""
+    """Register ``rule(ev, module, ...)`` for modules of these types.
+
+    A subclass that defines any method or property is not covered: it may override what the rule
+    relies on (``forward``, ``_conv_forward``, a weight parameterisation), so the tracer goes into
+    its ``forward`` instead, or the subclass registers a rule of its own (see :func:`module_rule`).
+    """
 
     def deco(fn: Callable) -> Callable:
         rule = _make(fn, inputs, True, may_alias)
@@ -167,13 +181,40 @@ def register_module_rule(*types: type[nn.Module], inputs: tuple[str, ...] = ("in
     return deco
 
 
+#: what a subclass may define and still compute its base class's map: construction and printing
+_INERT = frozenset({"__init__", "extra_repr", "__module__", "__qualname__", "__doc__", "__annotations__", "__dict__",
+                    "__weakref__", "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
+                    "__annotate_func__", "__annotations_cache__"})
+
+
+def _adds_behaviour(cls: type) -> bool:
+    """Whether ``cls`` defines anything that can change what its instances compute: a method, a
+    property or any other descriptor (plain class constants and ``__init__`` cannot; the rules
+    check the attributes ``__init__`` sets)."""
+    return any(name not in _INERT and not isinstance(value, (int, float, str, bool, tuple, frozenset, type(None)))
+               for name, value in vars(cls).items())
+
+
+def registered_base(module: nn.Module) -> type | None:
+    """The nearest class of ``module``'s type that has a module rule (whether or not the rule
+    covers ``module``: see :func:`module_rule`)."""
+    return next((cls for cls in type(module).__mro__ if cls in MODULE_RULES), None)
+
+
 def module_rule(module: nn.Module) -> Rule | None:
-    """The rule for ``module``: its own type's, or a base class's if the subclass keeps its forward."""
+    """The rule registered for ``module``'s type, or for a base class when every class in between
+    only constructs (a subclass that overrides ``forward``, ``_conv_forward``, a weight property or
+    any other method is not covered: it is traced into, or registers its own rule). Neither is a
+    module whose instance replaces a method (``module.forward = ...``)."""
+    cls = type(module)
+    if any(not k.startswith("__") and callable(getattr(cls, k, None)) for k in vars(module)):
+        return None
     for cls in type(module).__mro__:
         rule = MODULE_RULES.get(cls)
         if rule is not None:
-            # A subclass that overrides forward may compute something else (e.g. BatchNorm + act).
-            return rule if type(module).forward is cls.forward else None
+            return rule
+        if _adds_behaviour(cls):
+            return None
     return None
 
 

@@ -245,18 +245,43 @@ def token_mixing_module(ev, module, input):
     return ev.linear(mixed, Permute(mixed.shape, (1, 0)))
 
 
+def _same_padding_conv(ev, conv, what: str) -> int:
+    """Check that ``conv`` is a plain ``nn.Conv2d`` computing a stride-1 "same" zero-padded
+    convolution, the only map a folded-kernel rule reproduces; returns its padding."""
+    if type(conv) is not nn.Conv2d:
+        ev.fail(f"{what} holds a {type(conv).__qualname__}, not an nn.Conv2d; its rule bounds nn.Conv2d only",
+                "use nn.Conv2d in the block, or write the block as separate modules so each part is bounded")
+    k = conv.kernel_size
+    changed = {name: value for name, value, plain in (
+        ("padding_mode", conv.padding_mode, "zeros"), ("stride", tuple(conv.stride), (1, 1)),
+        ("dilation", tuple(conv.dilation), (1, 1)), ("groups", conv.groups, 1),
+        ("padding", conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+         (k[0] // 2, k[1] // 2))) if value != plain and not (name == "padding" and value == "same")}
+    if changed or k[0] != k[1] or k[0] % 2 == 0 or conv.in_channels != conv.out_channels:
+        detail = ", ".join(f"{n}={v!r}" for n, v in changed.items()) or f"kernel_size={k}"
+        ev.fail(f"{what}'s conv has {detail}; the block's rule covers square odd kernels with stride 1, dilation "
+                "1, groups 1 and zero 'same' padding only", "write the block as separate modules")
+    return k[0] // 2
+
+
 @register_module_rule(cnn.LiResNetBlock)
 def liresnet_block_module(ev, module, input):
-    k = module.conv.kernel_size[0] // 2
+    k = _same_padding_conv(ev, module.conv, "LiResNetBlock")
+    scale = module.beta * module.scale
+    if scale.shape != (module.conv.out_channels,) or not isinstance(module.scale, (int, float)):
+        ev.fail(f"LiResNetBlock's beta has shape {tuple(module.beta.shape)}, expected ({module.conv.out_channels},)")
     return ev.linear(input, Conv2d(input.shape, module.folded_weight(), (1, 1), (k, k, k, k)))
-
 
 
 @register_module_rule(cnn.LinearBottleneck)
 def linear_bottleneck_module(ev, module, input):
-    """``x + convs(x)``: the branch's convs compose exactly where pointwise, then the identity
-    joins the composed kernel (one conv, bounded exactly)."""
+    """``x + convs(x)``: each conv of the branch through its own rule (the rule table decides what a
+    conv, a transposed conv or anything else is); the compiler folds pointwise convs exactly, then
+    the identity joins the composed kernel (one conv, bounded exactly)."""
+    if type(module.branch) is not nn.Sequential:
+        ev.fail(f"LinearBottleneck's branch is a {type(module.branch).__qualname__}, not an nn.Sequential",
+                "keep the branch an nn.Sequential of convolutions")
     branch = input
-    for conv in module.branch:
-        branch = conv_module(ev, conv, branch)
+    for part in module.branch:
+        branch = ev.apply_module(part, branch)
     return _sum(ev, input, branch)

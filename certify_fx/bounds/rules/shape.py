@@ -36,12 +36,12 @@ def _reshape(ev, x: Tracked) -> Tracked:
     return ev.linear(x, Reshape(x.shape, out)) if x.shape != out else x
 
 
-@register_rule("view", "reshape", may_alias=True)
+@register_rule("view", "reshape", may_alias=True, sizes=("shape",))
 def view(ev, input, *shape):
     return _reshape(ev, input)
 
 
-@register_rule(torch.reshape, may_alias=True)
+@register_rule(torch.reshape, may_alias=True, sizes=("shape",))
 def reshape(ev, input, shape):
     return _reshape(ev, input)
 
@@ -61,7 +61,7 @@ def unsqueeze(ev, input, dim):
     return _reshape(ev, input)
 
 
-@register_rule(torch.unflatten, "unflatten", may_alias=True)
+@register_rule(torch.unflatten, "unflatten", may_alias=True, sizes=("sizes",))
 def unflatten(ev, input, dim, sizes):
     return _reshape(ev, input)
 
@@ -245,7 +245,7 @@ def stack(ev, tensors, dim=0):
     return _concat(ev, unsqueezed, d + 1, out)
 
 
-@register_rule("expand", may_alias=True)
+@register_rule("expand", may_alias=True, sizes=("sizes",))
 def expand(ev, input, *sizes):
     return broadcast(ev, input, ev.shape())
 
@@ -255,7 +255,7 @@ def expand_as(ev, input, other):
     return broadcast(ev, input, ev.shape())
 
 
-@register_rule(torch.broadcast_to, "broadcast_to", may_alias=True)
+@register_rule(torch.broadcast_to, "broadcast_to", may_alias=True, sizes=("size",))
 def broadcast_to(ev, input, size):
     return broadcast(ev, input, ev.shape())
 
@@ -302,7 +302,7 @@ def roll(ev, input, shifts, dims=None):
     return nonnegative_map(ev, input, lambda x: torch.roll(x, shifts, dims), "roll")
 
 
-@register_rule("repeat")
+@register_rule("repeat", sizes=("sizes",))
 def repeat(ev, input, *sizes):
     sizes = tuple(sizes[0]) if len(sizes) == 1 and not isinstance(sizes[0], int) else tuple(sizes)
     if len(sizes) != len(input.shape) + 1 or sizes[0] != 1:
