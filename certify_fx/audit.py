@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .bounds.compiler import LipschitzBound
+from .bounds.result import LipschitzBound
 from .bounds.values import NodeBound
 from .certify import Certificate, certificate_bound, certify, check_eps
 from .crc import CurvatureBound

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from torch import nn
 
-from .bounds.compiler import FULL_PRECISION, BoundCompiler, LipschitzBound
+from .bounds.capture import configured_input_shape
+from .bounds.compiler import BoundCompiler
 from .bounds.compiler import bound as margin_bound
 from .bounds.fingerprint import model_fingerprint
+from .bounds.result import FULL_PRECISION, LipschitzBound
 from .crc import CurvatureBound, crc_head, curvature_bound, curvature_radius
 from .errors import CertifyFxError, StaleBoundError, UnprovenBoundError
-from .tracing import configured_input_shape
 
 if TYPE_CHECKING:
     from .progress import ProgressLike

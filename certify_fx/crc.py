@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .bounds.compiler import BoundCompiler, LipschitzBound
+from .bounds.compiler import BoundCompiler
+from .bounds.result import LipschitzBound
 from .bounds.dependence import forward_hooks
 from .bounds.norms import SAFETY
 from .errors import CertifyFxError

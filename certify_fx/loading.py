@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 from torch.utils.data import Dataset
 
+from .bounds.capture import configured_input_shape
 from .errors import CertifyFxError, CheckpointError, RecipeError
 from .model_spec import ModelSpec
 from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights, read_payload, save_payload
@@ -161,8 +162,6 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
                                tuple(gm.conversion["input_shape"]), gm.conversion)
         raise CertifyFxError(f"{path} is not a certify-fx checkpoint or converted model; if it holds weights, "
                              f"name the model and give it as weights (CLI: MODEL --weights {path})")
-    from .tracing import configured_input_shape
-
     spec = ModelSpec.parse(str(source), kwargs)
     model = spec.build(trust_source=True)
     if weights is not None:

@@ -167,3 +167,38 @@ def test_plot_without_matplotlib_says_how_to_install_before_certifying(monkeypat
     assert main(["certify", "liresnet_l4w32", "--data", "synthetic", "--plot", "x.png"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'certify-fx[plot]'" in err
+
+
+def _choice_lists(parser, path=()):
+    """(command path, option) -> choices, for every argument of every sub-command with choices."""
+    import argparse
+
+    found = {}
+    for action in parser._actions:  # argparse keeps its arguments here (no public accessor)
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(_choice_lists(sub, path + (name,)))
+        elif action.choices is not None:
+            found[(path, action.option_strings[0] if action.option_strings else action.dest)] = tuple(action.choices)
+    return found
+
+
+def test_every_cli_choice_list_is_the_library_table():
+    """The CLI spells its choices out (so --help starts without torch); each must equal the
+    library's table, and a new choice list must be tied to one here."""
+    from certify_fx.certify import CERTIFICATE_METHODS
+    from certify_fx.losses import LOSSES
+    from certify_fx.transforms.convert import TARGETS
+    from certify_fx.transforms.replace_activations import ACTIVATIONS
+    from certify_fx.transforms.replace_max_pool import MAX_POOL_MODES
+    from cli.main import build_parser
+
+    tables = {"--to": TARGETS, "--activation": ACTIVATIONS, "--max-pool": MAX_POOL_MODES,
+              "--method": CERTIFICATE_METHODS}
+    found = _choice_lists(build_parser())
+    assert found, "no choice lists found"
+    for (command, option), choices in found.items():
+        assert option in tables, f"{' '.join(command)} {option}: tie its choices to a library table in this test"
+        assert choices == tuple(tables[option]), (command, option, choices)
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].description
+    assert all(name in train_help for name in LOSSES), "train --help lists every loss"

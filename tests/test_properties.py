@@ -17,7 +17,7 @@ import torch
 
 import certify_fx as cfx
 from certify_fx.bounds import registry
-from certify_fx.bounds.compiler import Evaluator
+from certify_fx.bounds.evaluation import Evaluator
 from conftest import empirical_margin_lipschitz, exact_margin_norms, pgd_l2
 from graphs import (BATCH_VALUES, REFUSALS, SHAPE, STATEFUL, VOCABULARY, CachedWeight, Drawn, batch_value_model,
                     container_variants, draw, instance_override, subclassed)

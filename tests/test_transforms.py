@@ -8,7 +8,7 @@ from torch import nn
 import certify_fx as cfx
 from certify_fx.errors import CertifyFxError, TraceError, UnsupportedNodeError
 from certify_fx.nn import LiResNetBlock
-from certify_fx.tracing import trace
+from certify_fx.bounds.capture import trace
 from certify_fx.transforms import (fold_batchnorm, fold_linear_chains, fold_linear_residuals, rewrite_log,
                                    split_norm_act)
 
@@ -245,3 +245,32 @@ def test_unsupported_models_fail_naming_node_and_op():
         cfx.convert(DataDependent(), to="lipschitz", input_shape=(4, 4, 4))
     with pytest.raises(ValueError, match="unknown conversion target"):
         cfx.convert(Gated(), to="nope", input_shape=(4, 4, 4))
+
+
+def test_a_registered_activation_is_a_leaf_and_replaced_by_convert():
+    """A rule registered with kind="activation" is all it takes: the tracer keeps the module as a
+    leaf (its forward, which branches on the input's shape, is never traced) and convert replaces
+    it by MinMax."""
+    from certify_fx.bounds import registry
+    from certify_fx.nn import MinMax
+
+    class SmoothAbs(nn.Module):  # sqrt(x^2 + 1) - 1: its derivative x / sqrt(x^2 + 1) lies in (-1, 1)
+        def forward(self, x):
+            if x.dim() != 4:  # Python on the input's shape: symbolic tracing cannot go through it
+                raise ValueError("4-d inputs only")
+            return (x * x + 1).sqrt() - 1
+
+    @cfx.register_module_rule(SmoothAbs, kind="activation")
+    def smooth_abs(ev, module, input):
+        return ev.nonlinear(input, 1.0)
+
+    try:
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), SmoothAbs(), nn.Flatten(), nn.Linear(64, 3)).eval()
+        leaves = [n for n in trace(model).graph.nodes if n.op == "call_module"]
+        assert [type(model.get_submodule(n.target)) for n in leaves].count(SmoothAbs) == 1
+        assert cfx.bound(model, (1, 4, 4), estimate_steps=0).sound
+        converted = cfx.convert(model, "liresnet", input_shape=(1, 4, 4))
+        kinds = [type(m) for m in converted.modules()]
+        assert SmoothAbs not in kinds and MinMax in kinds
+    finally:
+        registry.MODULE_RULES.pop(SmoothAbs, None)

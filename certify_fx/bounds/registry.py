@@ -34,6 +34,8 @@ The contract:
   or property is traced into. A rule for a container (a block that
   holds convs) applies its parts' rules through ``ev.apply_module``, or checks every attribute of
   the parts that changes their map and refuses what it does not recognise.
+* **Kinds.** ``kind`` says what the op is to the transforms (:data:`KINDS`): a rule registered
+  with ``kind="activation"`` is replaced by ``convert``'s activation pass, with no other edit.
 * **Aliasing.** ``may_alias=True`` marks ops whose output may share storage with an input (views,
   identities), which the in-place check (:mod:`.dependence`) follows.
 
@@ -56,7 +58,7 @@ from .operators import LinearOperator
 from .values import Lipschitz, Shape, Tracked
 
 __all__ = [
-    "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule", "registered_base",
+    "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule", "registered_base", "node_kind", "KINDS",
     "all_rules", "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES",
 ]
 
@@ -100,6 +102,7 @@ class Rule:
     signature: inspect.Signature
     shape_only: frozenset[str] = frozenset()
     sizes: frozenset[str] = frozenset()
+    kind: str | None = None
 
     def shape_only_positions(self) -> frozenset:
         """Positions and keywords of the call whose input dependence is through their shape only."""
@@ -116,6 +119,11 @@ class Rule:
         return f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
 
 
+#: what an op is to the transforms, beyond its bound. ``"activation"``: an elementwise
+#: nonlinearity that ``convert`` replaces by MinMax/GroupSort (ReLU, GELU, SiLU, ...; the sorting
+#: activations it puts in their place have no kind).
+KINDS = frozenset({"activation"})
+
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
 MODULE_RULES: dict[type, Rule] = {}
@@ -128,7 +136,7 @@ INPLACE_OPERATORS: dict[Any, Any] = {
 
 
 def _make(fn: Callable, inputs: tuple[str, ...], is_module: bool, may_alias: bool,
-          shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = ()) -> Rule:
+          shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = (), kind: str | None = None) -> Rule:
     signature = inspect.signature(fn)
     params = list(signature.parameters.values())
     fixed = 2 if is_module else 1
@@ -138,21 +146,24 @@ def _make(fn: Callable, inputs: tuple[str, ...], is_module: bool, may_alias: boo
     missing = (set(inputs) | set(shape_only) | set(sizes)) - names
     if missing:
         raise TypeError(f"rule {fn.__name__} declares inputs {sorted(missing)} that are not parameters")
-    return Rule(fn, frozenset(inputs), is_module, may_alias, signature, frozenset(shape_only), frozenset(sizes))
+    if kind is not None and kind not in KINDS:
+        raise TypeError(f"rule {fn.__name__}: kind {kind!r} is not one of {sorted(KINDS)}")
+    return Rule(fn, frozenset(inputs), is_module, may_alias, signature, frozenset(shape_only), frozenset(sizes),
+                kind)
 
 
 def register_rule(*targets: Any, inputs: tuple[str, ...] = ("input",), may_alias: bool = False,
-                  shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = ()):
+                  shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = (), kind: str | None = None):
     """Register ``rule(ev, ...)`` for functions (callables) and Tensor methods (names).
 
     ``shape_only`` names parameters whose shape, dtype or device alone the op reads
     (``view_as(other)``): they may carry the input, and count as shape-only in the dataflow.
     ``sizes`` names parameters read as the result's sizes (``view(*shape)``): the only ones that
-    may hold the batch size.
+    may hold the batch size. ``kind`` says what the op is to the transforms (:data:`KINDS`).
     """
 
     def deco(fn: Callable) -> Callable:
-        rule = _make(fn, inputs, False, may_alias, shape_only, sizes)
+        rule = _make(fn, inputs, False, may_alias, shape_only, sizes, kind)
         for t in targets:
             (METHOD_RULES if isinstance(t, str) else FUNCTION_RULES)[t] = rule
         return fn
@@ -164,16 +175,18 @@ def register_rule(*targets: Any, inputs: tuple[str, ...] = ("input",), may_alias
 register_function_rule = register_rule
 
 
-def register_module_rule(*types: type[nn.Module], inputs: tuple[str, ...] = ("input",), may_alias: bool = False):
+def register_module_rule(*types: type[nn.Module], inputs: tuple[str, ...] = ("input",), may_alias: bool = False,
+                         kind: str | None = None):
     """Register ``rule(ev, module, ...)`` for modules of these types.
 
     A subclass that defines any method or property is not covered: it may override what the rule
     relies on (``forward``, ``_conv_forward``, a weight parameterisation), so the tracer goes into
     its ``forward`` instead, or the subclass registers a rule of its own (see :func:`module_rule`).
+    ``kind`` says what the module is to the transforms (:data:`KINDS`).
     """
 
     def deco(fn: Callable) -> Callable:
-        rule = _make(fn, inputs, True, may_alias)
+        rule = _make(fn, inputs, True, may_alias, kind=kind)
         for t in types:
             MODULE_RULES[t] = rule
         return fn
@@ -244,6 +257,14 @@ def lookup(kind: str, target: Any, module: nn.Module | None = None) -> Rule | No
 def lookup_node(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     return lookup(node.op, node.target, module)
+
+
+def node_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """The kind of ``node``'s rule (:data:`KINDS`), or None (no rule, or a rule without a kind)."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    rule = lookup_node(node, gm)
+    return rule.kind if rule is not None else None
 
 
 def all_rules() -> list[Rule]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..bounds.compiler import LipschitzBound
+from ..bounds.result import LipschitzBound
 from ..certify import certified_radius, certify, check_bound, check_input_shape
 from ..crc import CurvatureBound
 from .distributed import DistributedContext, all_reduce_sum

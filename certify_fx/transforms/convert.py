@@ -21,7 +21,7 @@ from torch import nn
 from ..bounds.compiler import linear_form
 from ..errors import UnsupportedNodeError
 from ..progress import ProgressLike
-from ..tracing import configured_input_shape, trace
+from ..bounds.capture import configured_input_shape, trace
 from .attention_to_spatial_mlp import attention_to_spatial_mlp
 from .converted_model import ConvertedModel
 from .fold_batchnorm import fold_batchnorm

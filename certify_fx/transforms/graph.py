@@ -10,8 +10,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..bounds.compiler import Tracked, linear_form, record
+from ..bounds import registry
+from ..bounds.analysis import record
+from ..bounds.capture import example_input
+from ..bounds.compiler import linear_form
 from ..bounds.operators import Conv2d, Dense, LinearOperator, Scale
+from ..bounds.values import Tracked
 from ..nn import Affine
 
 __all__ = [
@@ -26,33 +30,9 @@ __all__ = [
     "extract",
     "fold_region",
     "module_for",
-    "ACTIVATION_MODULES",
-    "ACTIVATION_FUNCTIONS",
-    "ACTIVATION_METHODS",
     "is_activation",
     "is_passthrough",
 ]
-
-ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Hardswish, nn.Tanh,
-    nn.Sigmoid, nn.Softplus, nn.PReLU, nn.Hardtanh,
-)
-ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.selu, F.mish,
-                        F.hardswish, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.softplus, F.hardtanh}
-ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
-
-
-def _timm_activation_types() -> tuple[type[nn.Module], ...]:
-    try:
-        from timm.layers import activations as ta
-    except ImportError:
-        return ()
-    names = ("GELU", "GELUTanh", "Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "QuickGELU")
-    return tuple(getattr(ta, n) for n in names if hasattr(ta, n))
-
-
-ACTIVATION_MODULES = ACTIVATION_MODULES + _timm_activation_types()
-
 
 def annotate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     """Store each node's output shape (batch 2) in ``node.meta['shape']`` and whether it depends
@@ -111,11 +91,8 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), ACTIVATION_MODULES)
-    if node.op == "call_function":
-        return node.target in ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and node.target in ACTIVATION_METHODS
+    """Whether ``node`` is an activation: its rule was registered with ``kind="activation"``."""
+    return registry.node_kind(node, gm) == "activation"
 
 
 def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -240,8 +217,6 @@ def capture_values(gm: fx.GraphModule, nodes: set[fx.Node], input_shape: tuple[i
                    ) -> dict[fx.Node, torch.Tensor]:
     """The values ``nodes`` take on a deterministic example batch (passes that initialise new
     layers from what the old ones computed)."""
-    from ..tracing import example_input
-
     capture = _Capture(gm, set(nodes))
     capture.run(example_input(tuple(input_shape), batch=batch))
     return capture.values

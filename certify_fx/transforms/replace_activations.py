@@ -13,7 +13,10 @@ from ..nn import GroupSort, MinMax
 from .graph import add_submodule, annotate_shapes, describe, finalize, is_activation, tensor_args
 from .log import log_rewrite
 
-__all__ = ["replace_activations", "sorting_activation"]
+__all__ = ["replace_activations", "sorting_activation", "ACTIVATIONS"]
+
+#: the sorting activations the pass puts in place (the CLI's ``--activation`` choices)
+ACTIVATIONS = ("minmax", "groupsort")
 
 
 def sorting_activation(shape: tuple[int, ...], to: str = "minmax", group_size: int = 2) -> GroupSort | None:
@@ -33,8 +36,8 @@ def replace_activations(gm: fx.GraphModule, input_shape: tuple[int, ...], to: st
     Args:
         to: ``"minmax"`` (pairs) or ``"groupsort"`` (groups of ``group_size``).
     """
-    if to not in ("minmax", "groupsort"):
-        raise ValueError(f"replace_activations: to must be 'minmax' or 'groupsort', got {to!r}")
+    if to not in ACTIVATIONS:
+        raise ValueError(f"replace_activations: to must be one of {ACTIVATIONS}, got {to!r}")
     annotate_shapes(gm, input_shape)
     for node in list(gm.graph.nodes):
         if not is_activation(gm, node):

@@ -15,13 +15,17 @@ from ..bounds.constants import max_pool_constant
 from .graph import annotate_shapes, finalize, swap_for_module
 from .log import log_rewrite
 
-__all__ = ["replace_max_pool"]
+__all__ = ["replace_max_pool", "MAX_POOL_MODES"]
+
+
+#: what the pass can do with an overlapping max-pool (the CLI's ``--max-pool`` choices)
+MAX_POOL_MODES = ("keep", "conv")
 
 
 def replace_max_pool(gm: fx.GraphModule, input_shape: tuple[int, ...], mode: str = "keep") -> fx.GraphModule:
     """``mode="keep"`` leaves max-pools in place (and logs their factor); ``"conv"`` replaces them."""
-    if mode not in ("keep", "conv"):
-        raise ValueError(f"replace_max_pool: mode must be 'keep' or 'conv', got {mode!r}")
+    if mode not in MAX_POOL_MODES:
+        raise ValueError(f"replace_max_pool: mode must be one of {MAX_POOL_MODES}, got {mode!r}")
     annotate_shapes(gm, input_shape)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MaxPool2d):

@@ -65,27 +65,28 @@ def _gelu_constant(approximate: str) -> float:
 # -- functions and Tensor methods --------------------------------------------------------------
 
 
-@register_rule(F.relu, torch.relu, "relu")
+@register_rule(F.relu, torch.relu, "relu", kind="activation")
 def relu(ev, input, inplace=False):
     return ev.nonlinear(input, 1.0)
 
 
-@register_rule(F.relu6)
+@register_rule(F.relu6, kind="activation")
 def relu6(ev, input, inplace=False):
     return ev.nonlinear(input, 1.0)
 
 
-@register_rule(F.hardtanh)
+@register_rule(F.hardtanh, kind="activation")
 def hardtanh(ev, input, min_val=-1.0, max_val=1.0, inplace=False):
     return ev.nonlinear(input, _check_hardtanh(ev, min_val, max_val))
 
 
-@register_rule(torch.tanh, F.tanh, "tanh", torch.abs, "abs", F.softsign, F.logsigmoid)
+@register_rule(torch.tanh, F.tanh, "tanh", kind="activation")
+@register_rule(torch.abs, "abs", F.softsign, F.logsigmoid)
 def one_lipschitz(ev, input):
     return ev.nonlinear(input, 1.0)
 
 
-@register_rule(F.softplus)
+@register_rule(F.softplus, kind="activation")
 def softplus(ev, input, beta=1.0, threshold=20.0):
     return ev.nonlinear(input, _check_softplus(ev, beta, threshold))
 
@@ -118,27 +119,27 @@ def softmax(ev, input, dim, dtype=None):
     return softmax_function(ev, input, dim, 3, dtype)
 
 
-@register_rule(F.celu)
+@register_rule(F.celu, kind="activation")
 def celu(ev, input, alpha=1.0, inplace=False):
     return ev.nonlinear(input, _check_celu(ev, alpha))
 
 
-@register_rule(F.leaky_relu)
+@register_rule(F.leaky_relu, kind="activation")
 def leaky_relu(ev, input, negative_slope=0.01, inplace=False):
     return ev.nonlinear(input, max(1.0, abs(number(negative_slope))))
 
 
-@register_rule(F.elu)
+@register_rule(F.elu, kind="activation")
 def elu(ev, input, alpha=1.0, inplace=False):
     return ev.nonlinear(input, _elu_constant(alpha))
 
 
-@register_rule(F.selu, torch.selu)
+@register_rule(F.selu, torch.selu, kind="activation")
 def selu(ev, input, inplace=False):
     return ev.nonlinear(input, C.SELU)
 
 
-@register_rule(F.gelu)
+@register_rule(F.gelu, kind="activation")
 def gelu(ev, input, approximate="none"):
     if approximate not in ("none", "tanh"):
         ev.fail(f"gelu with approximate={approximate!r}")
@@ -148,12 +149,13 @@ def gelu(ev, input, approximate="none"):
 SMOOTH_FUNCTIONS: dict = {F.silu: C.SILU, F.mish: C.MISH, F.hardswish: C.HARDSWISH, F.hardsigmoid: C.HARDSIGMOID}
 
 
-@register_rule(*SMOOTH_FUNCTIONS)
+@register_rule(F.silu, F.mish, F.hardswish, kind="activation")
+@register_rule(F.hardsigmoid)  # a gate more than an activation (squeeze-excitation)
 def smooth_activation(ev, input, inplace=False):
     return ev.nonlinear(input, SMOOTH_FUNCTIONS[ev.node.target])
 
 
-@register_rule(torch.sigmoid, F.sigmoid, "sigmoid")
+@register_rule(torch.sigmoid, F.sigmoid, "sigmoid", kind="activation")
 def sigmoid(ev, input):
     return ev.nonlinear(input, C.SIGMOID)
 
@@ -204,17 +206,18 @@ def topk(ev, input, k, dim=-1, largest=True, sorted=True):
 # -- modules -----------------------------------------------------------------------------------
 
 
-@register_module_rule(nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softsign, nn.LogSigmoid, nn.Softshrink)
+@register_module_rule(nn.ReLU, nn.ReLU6, nn.Tanh, kind="activation")
+@register_module_rule(nn.Softsign, nn.LogSigmoid, nn.Softshrink)
 def one_lipschitz_module(ev, module, input):
     return ev.nonlinear(input, 1.0)
 
 
-@register_module_rule(nn.Hardtanh)
+@register_module_rule(nn.Hardtanh, kind="activation")
 def hardtanh_module(ev, module, input):
     return ev.nonlinear(input, _check_hardtanh(ev, module.min_val, module.max_val))
 
 
-@register_module_rule(nn.Softplus)
+@register_module_rule(nn.Softplus, kind="activation")
 def softplus_module(ev, module, input):
     return ev.nonlinear(input, _check_softplus(ev, module.beta, module.threshold))
 
@@ -224,22 +227,22 @@ def softmax_module(ev, module, input):
     return ev.nonlinear(input, _softmax_constant(ev, input, module.dim))
 
 
-@register_module_rule(nn.CELU)
+@register_module_rule(nn.CELU, kind="activation")
 def celu_module(ev, module, input):
     return ev.nonlinear(input, _check_celu(ev, module.alpha))
 
 
-@register_module_rule(nn.LeakyReLU)
+@register_module_rule(nn.LeakyReLU, kind="activation")
 def leaky_relu_module(ev, module, input):
     return ev.nonlinear(input, max(1.0, abs(module.negative_slope)))
 
 
-@register_module_rule(nn.ELU)
+@register_module_rule(nn.ELU, kind="activation")
 def elu_module(ev, module, input):
     return ev.nonlinear(input, _elu_constant(module.alpha))
 
 
-@register_module_rule(nn.PReLU)
+@register_module_rule(nn.PReLU, kind="activation")
 def prelu_module(ev, module, input):
     weight = module.weight.detach()
     if not bool(torch.isfinite(weight).all()):
@@ -247,7 +250,7 @@ def prelu_module(ev, module, input):
     return ev.nonlinear(input, max(1.0, float(weight.abs().max())))
 
 
-@register_module_rule(nn.GELU)
+@register_module_rule(nn.GELU, kind="activation")
 def gelu_module(ev, module, input):
     return ev.nonlinear(input, _gelu_constant(module.approximate))
 
@@ -271,7 +274,8 @@ def _timm_activations() -> dict[type, float]:
 SMOOTH_MODULES.update(_timm_activations())
 
 
-@register_module_rule(*SMOOTH_MODULES)
+@register_module_rule(*(t for t in SMOOTH_MODULES if t is not nn.Hardsigmoid), kind="activation")
+@register_module_rule(nn.Hardsigmoid)  # a gate more than an activation (squeeze-excitation)
 def smooth_module(ev, module, input):
     for cls in type(module).__mro__:
         if cls in SMOOTH_MODULES:

@@ -1,10 +1,12 @@
-"""torch.fx tracing shared by the bound compiler and the transforms.
+"""Capture: a model as a torch.fx graph the compiler can read, and errors that name its nodes.
 
 The tracer keeps as leaves every module type the bound compiler has a rule for (the rule table,
-:mod:`certify_fx.bounds.registry`, is the one place that knows) and timm's "no-trace" modules
-(timm marks the modules and functions that symbolic tracing cannot go through), and turns
-tracing failures into a :class:`~certify_fx.errors.TraceError` that says what to do.
+:mod:`.registry`, is the one place that knows) and timm's "no-trace" modules (timm marks the
+modules and functions that symbolic tracing cannot go through), turns tracing failures into a
+:class:`~certify_fx.errors.TraceError` that says what to do, and leaves the user's model exactly as
+it was (:mod:`.module_state`): tracing runs ``forward`` on the user's modules.
 """
+
 
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .bounds import registry
-from .bounds.module_state import unwrap_model
-from .errors import TraceError
+from ..errors import TraceError, UnsupportedNodeError
+from . import registry
+from .module_state import ModuleState, unwrap_model
 
-__all__ = ["CertifyTracer", "trace", "configured_input_shape", "example_input"]
+__all__ = ["CertifyTracer", "trace", "capture", "configured_input_shape", "example_input", "describe_node", "node_error"]
 
 
 def _timm_notrace() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
@@ -102,3 +104,38 @@ def example_input(input_shape: tuple[int, ...], batch: int = 2, dtype: torch.dty
     """A deterministic example batch used to propagate shapes."""
     generator = torch.Generator().manual_seed(0)
     return torch.rand(batch, *input_shape, generator=generator, dtype=dtype).to(device)
+
+
+def capture(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a GraphModule (returned as is if it already is one): traced, and put back whatever tracing wrote into it (a forward that assigns an
+    attribute leaves a ``torch.fx.Proxy`` there; fx stores tensor constants on the root)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    state = ModuleState(model)
+    try:
+        return trace(model)
+    finally:
+        state.restore()
+
+
+def describe_node(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The node's operation and, for functions, the module whose forward called it."""
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"
+    if node.op in ("placeholder", "get_attr", "output"):
+        return node.op
+    name = f"Tensor.{node.target}" if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return f"{name} in {getattr(cls, '__name__', cls)} ({path})"
+    return name
+
+
+def node_error(gm: fx.GraphModule, node: fx.Node | None, reason: str, fix: str | None = None,
+                error: type[UnsupportedNodeError] = UnsupportedNodeError) -> UnsupportedNodeError:
+    if node is None:
+        return error("<model>", type(gm).__name__, reason, fix)
+    return error(node.name, describe_node(node, gm), reason, fix)
+
+
