@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +184,6 @@ class ModelSpec:
 def _timm_loading_options() -> frozenset[str]:
     """The keyword arguments timm's builders consume themselves (weights to load, files to read,
     configs to merge) rather than pass to the architecture, from timm's own signatures."""
-    import inspect
-
     import timm
     from timm.models import _builder
 
