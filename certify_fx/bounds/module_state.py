@@ -102,15 +102,13 @@ class ModuleState:
             {key: _Entry(value, _copy(value)) for key, value in _attributes(module).items()}
             for _, module in self.modules]
 
-    def changes(self, ignore: frozenset[str] = frozenset()) -> list[str]:
+    def changes(self) -> list[str]:
         """``path.attribute`` of every attribute added, removed, reassigned or written in place since
-        the snapshot (``ignore``: attributes of the root to pass over)."""
+        the snapshot."""
         found = []
         for (path, module), entries in zip(self.modules, self.entries):
             current = _attributes(module)
             for key in sorted(set(entries) | set(current), key=lambda k: (k[0] or "", k[1])):
-                if not path and key[1] in ignore:
-                    continue
                 if key not in entries or key not in current or not _unchanged(entries[key], current[key]):
                     found.append(f"{path}.{key[1]}" if path else key[1])
         return found

@@ -30,7 +30,7 @@ The contract:
   ``expand(batch, ...)``): they alone may carry a value derived from the batch size; the rule
   works from the recorded output shape, which the example runs check at two batch sizes.
 * **Leaves.** A module rule covers its type, which is a leaf for the tracer
-  (:mod:`certify_fx.tracing`), and subclasses that only construct; a subclass that defines a method
+  (:mod:`.capture`), and subclasses that only construct; a subclass that defines a method
   or property is traced into. A rule for a container (a block that
   holds convs) applies its parts' rules through ``ev.apply_module``, or checks every attribute of
   the parts that changes their map and refuses what it does not recognise.
@@ -58,7 +58,8 @@ from .operators import LinearOperator
 from .values import Lipschitz, Shape, Tracked
 
 __all__ = [
-    "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node", "module_rule", "registered_base", "node_kind", "KINDS",
+    "RuleContext", "Rule", "register_rule", "register_module_rule", "register_function_rule", "lookup", "lookup_node",
+    "module_rule", "registered_base", "node_kind", "KINDS",
     "all_rules", "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES",
 ]
 

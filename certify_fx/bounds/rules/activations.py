@@ -149,7 +149,7 @@ def gelu(ev, input, approximate="none"):
 SMOOTH_FUNCTIONS: dict = {F.silu: C.SILU, F.mish: C.MISH, F.hardswish: C.HARDSWISH, F.hardsigmoid: C.HARDSIGMOID}
 
 
-@register_rule(F.silu, F.mish, F.hardswish, kind="activation")
+@register_rule(*(f for f in SMOOTH_FUNCTIONS if f is not F.hardsigmoid), kind="activation")
 @register_rule(F.hardsigmoid)  # a gate more than an activation (squeeze-excitation)
 def smooth_activation(ev, input, inplace=False):
     return ev.nonlinear(input, SMOOTH_FUNCTIONS[ev.node.target])

@@ -252,11 +252,12 @@ def _same_padding_conv(ev, conv, what: str) -> int:
         ev.fail(f"{what} holds a {type(conv).__qualname__}, not an nn.Conv2d; its rule bounds nn.Conv2d only",
                 "use nn.Conv2d in the block, or write the block as separate modules so each part is bounded")
     k = conv.kernel_size
-    changed = {name: value for name, value, plain in (
-        ("padding_mode", conv.padding_mode, "zeros"), ("stride", tuple(conv.stride), (1, 1)),
-        ("dilation", tuple(conv.dilation), (1, 1)), ("groups", conv.groups, 1),
-        ("padding", conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
-         (k[0] // 2, k[1] // 2))) if value != plain and not (name == "padding" and value == "same")}
+    same = (k[0] // 2, k[1] // 2)
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    actual = {"padding_mode": conv.padding_mode, "stride": tuple(conv.stride), "dilation": tuple(conv.dilation),
+              "groups": conv.groups, "padding": same if padding == "same" else padding}
+    expected = {"padding_mode": "zeros", "stride": (1, 1), "dilation": (1, 1), "groups": 1, "padding": same}
+    changed = {name: value for name, value in actual.items() if value != expected[name]}
     if changed or k[0] != k[1] or k[0] % 2 == 0 or conv.in_channels != conv.out_channels:
         detail = ", ".join(f"{n}={v!r}" for n, v in changed.items()) or f"kernel_size={k}"
         ev.fail(f"{what}'s conv has {detail}; the block's rule covers square odd kernels with stride 1, dilation "
@@ -267,9 +268,10 @@ def _same_padding_conv(ev, conv, what: str) -> int:
 @register_module_rule(cnn.LiResNetBlock)
 def liresnet_block_module(ev, module, input):
     k = _same_padding_conv(ev, module.conv, "LiResNetBlock")
-    scale = module.beta * module.scale
-    if scale.shape != (module.conv.out_channels,) or not isinstance(module.scale, (int, float)):
-        ev.fail(f"LiResNetBlock's beta has shape {tuple(module.beta.shape)}, expected ({module.conv.out_channels},)")
+    channels = module.conv.out_channels
+    if tuple(module.beta.shape) != (channels,) or not isinstance(module.scale, (int, float)):
+        ev.fail(f"LiResNetBlock's beta has shape {tuple(module.beta.shape)} and scale {module.scale!r}; expected "
+                f"({channels},) and a number")
     return ev.linear(input, Conv2d(input.shape, module.folded_weight(), (1, 1), (k, k, k, k)))
 
 
