@@ -47,14 +47,17 @@ def _slug(name: str) -> str:
 
 def _before_fine_tuning(recipe_path: Path, overrides: list[str]) -> dict:
     """Clean accuracy and VRA of the converted model before any fine-tuning."""
-    from certify_fx import bound
-    from certify_fx.train import build_model, build_split, evaluate_certified, load_recipe
+    from torch.utils.data import DataLoader
+
+    from certify_fx import bound, evaluate_certified
+    from certify_fx.train import build_model, build_split, load_recipe
     from certify_fx.train.builders import recipe_dataset_info
 
     recipe = load_recipe(recipe_path, overrides)
     model = build_model(recipe).eval()
     b = bound(model, recipe_dataset_info(recipe).input_shape, estimate_steps=0)
-    result = evaluate_certified(model, b, build_split(recipe, "test"), [float(e) for e in EPS])
+    test = DataLoader(build_split(recipe, "test"), batch_size=recipe.data.eval_batch_size)
+    result = evaluate_certified(model, test, [float(e) for e in EPS], "lipschitz", b)
     return {"clean_accuracy": result.clean_accuracy, "vra": {e: v for e, v in zip(EPS, result.vra.values())},
             "K": b.margin.max().item()}
 

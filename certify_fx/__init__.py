@@ -22,17 +22,19 @@ from .bounds import (
     register_module_rule,
     register_rule,
 )
-from .certify import (
+from .certificates import (
+    CERTIFICATE_METHODS,
     Certificate,
-    GloRo,
-    bottom_logit,
-    certificate_bound,
+    CertificateMethod,
+    CertifiedEvaluation,
+    CurvatureBound,
     certified_radius,
-    certify,
     check_bound,
-    verified_robust_accuracy,
+    curvature_bound,
+    evaluate_certified,
+    register_certificate,
 )
-from .crc import CurvatureBound, curvature_bound
+from .certify import certificate_bound, certify, verified_robust_accuracy
 from .audit import AuditReport, audit
 from .errors import (
     CertifyFxError,
@@ -46,7 +48,7 @@ from .errors import (
 )
 from . import models  # noqa: F401  (registers the certify-fx families with timm)
 from .loading import LoadedModel, load_model
-from .losses import create_loss
+from .losses import GloRo, bottom_logit, create_loss
 from .model_spec import ModelSpec
 from .transforms import Rewrite, convert, load_converted, save_converted
 from .weights import load_weights
@@ -58,8 +60,11 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "AuditReport",
+    "CERTIFICATE_METHODS",
     "BoundCompiler",
     "Certificate",
+    "CertificateMethod",
+    "CertifiedEvaluation",
     "CertifyFxError",
     "CurvatureBound",
     "CheckpointError",
@@ -84,10 +89,12 @@ __all__ = [
     "check_bound",
     "convert",
     "curvature_bound",
+    "evaluate_certified",
     "create_loss",
     "load_converted",
     "load_model",
     "load_weights",
+    "register_certificate",
     "register_function_rule",
     "register_module_rule",
     "register_rule",

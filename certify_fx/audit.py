@@ -25,10 +25,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .bounds.result import LipschitzBound
 from .bounds.values import NodeBound
-from .certify import Certificate, certificate_bound, certify, check_eps
-from .crc import CurvatureBound
+from .certificates import Certificate, CertificateMethod, certificate_method, check_eps, evaluate_certified
 
 if TYPE_CHECKING:
     from .progress import ProgressLike
@@ -202,32 +200,32 @@ def margin_lower_bound(model: nn.Module, x: torch.Tensor, i: int, j: int, steps:
 
 @torch.no_grad()
 def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float | Sequence[float],
-          bound: LipschitzBound | CurvatureBound | None = None, *, method: str = "lipschitz", steps: int = 30,
+          bound: Any = None, *, method: str | CertificateMethod = "lipschitz", steps: int = 30,
           restarts: int = 1, tightness_pairs: int = 3, device: torch.device | str | None = None,
           progress: ProgressLike | None = None) -> AuditReport:
     """Attack every certified point inside its radius, measure the certification gap and the
     tightness of ``K`` (see the module docstring).
 
+    The certificates come from :func:`~certify_fx.certificates.evaluate_certified` (the loop
+    ``certify-fx certify`` and the trainer use), so the VRA is theirs; the attacks run on each
+    batch it certifies.
+
     Args:
         model: the classifier, in eval mode.
         data: batches ``(x, y)``.
         eps: radii for VRA and empirical robust accuracy.
-        bound: the bound the certificates use (computed from the first batch if omitted); pass a
+        bound: the constants the certificates use (computed from the first batch if omitted); pass a
             tampered one to check that the audit catches false certificates.
-        method: ``"lipschitz"`` or ``"crc"`` (see :func:`certify_fx.certify`).
+        method: ``"lipschitz"``, ``"crc"`` or a method object (see :func:`certify_fx.certify`).
         steps, restarts: attack strength.
         tightness_pairs: how many of the most frequent (predicted, runner-up) margins to check.
     """
     eps_list = [check_eps(eps)] if isinstance(eps, (int, float)) else sorted(check_eps(e) for e in eps)
-    batches = len(data) if hasattr(data, "__len__") else None  # read lazily: the data need not fit in memory
-    task = progress.add_task("audit", total=batches, info="") if progress is not None else None
-    count = correct = 0
-    certified = {e: 0 for e in eps_list}
+    method = certificate_method(method)
     robust = {e: 0 for e in eps_list}
     violations: list[Violation] = []
     pairs: Counter[tuple[int, int]] = Counter()
     examples: dict[tuple[int, int], torch.Tensor] = {}
-    radii = []
 
     def report(where: torch.Tensor, flipped: torch.Tensor, distance: torch.Tensor, became: torch.Tensor,
                cert: Certificate, offset: int) -> None:
@@ -239,12 +237,7 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
                 violations.append(Violation(offset + n, float(cert.radius[n]), float(distance[k]), int(cert.pred[n]),
                                             int(became[k])))
 
-    for x, y in data:
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        if bound is None:
-            bound = certificate_bound(model, tuple(x.shape[1:]), method)
-        cert = certify(model, x, eps_list[0], bound, method=method)
+    def attack_batch(x: torch.Tensor, y: torch.Tensor, cert: Certificate, offset: int) -> str:
         hit = cert.pred == y
         # the certificate's own claim: nothing changes the prediction inside the radius
         inside = (cert.radius > 0) & torch.isfinite(cert.radius)
@@ -252,37 +245,33 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
             where = inside.nonzero()[:, 0]
             radius = INSIDE * cert.radius[where].to(x.dtype)
             report(where, *attack(model, x[where], cert.pred[where], radius, steps=steps, restarts=restarts),
-                   cert, count)
+                   cert, offset)
         # the certification gap at each eps: attacks on the correct points
         alive = hit.clone()
         for e in eps_list:
-            certified[e] += int((hit & cert.at(e)).sum())
             if alive.any():
                 where = alive.nonzero()[:, 0]
                 flipped, distance, became = attack(model, x[where], cert.pred[where], e, steps=steps,
                                                    restarts=restarts)
                 alive[where[flipped]] = False
-                report(where, flipped & cert.at(e)[where], distance, became, cert, count)  # certified at e, yet flipped
+                report(where, flipped & cert.at(e)[where], distance, became, cert, offset)  # certified at e, yet flipped
             robust[e] += int(alive.sum())
         logits = model(x)
         runner_up = logits.scatter(1, cert.pred[:, None], -torch.inf).argmax(1)
         for n, pair in enumerate(zip(cert.pred.tolist(), runner_up.tolist())):
             pairs[pair] += 1
             examples.setdefault(pair, x[n])
-        radii.append(torch.where(hit, cert.radius, torch.zeros_like(cert.radius)).cpu())
-        correct += int(hit.sum())
-        count += len(y)
-        if task is not None:
-            progress.update(task, advance=1, info=f"{len(violations)} violations")
-    if task is not None:
-        progress.remove_task(task)
-    lipschitz = bound.lipschitz if isinstance(bound, CurvatureBound) else bound
+        return f"{len(violations)} violations"
+
+    result = evaluate_certified(model, data, eps_list, method, bound, device=device, keep_radii=True,
+                                progress=progress, description="audit", on_batch=attack_batch)
+    lipschitz = method.margin_bound(result.bound) if result.bound is not None else None
     tightness = []
     for (i, j), n in pairs.most_common(tightness_pairs):
         start = examples[(i, j)][None].repeat(4, *([1] * examples[(i, j)].dim()))
         start = start + 0.05 * torch.randn_like(start)
         tightness.append(MarginTightness(i, j, n, float(lipschitz.margin[i, j]), margin_lower_bound(model, start, i, j)))
-    total = max(count, 1)
-    return AuditReport(count, correct / total, method, {e: certified[e] / total for e in eps_list},
-                       {e: robust[e] / total for e in eps_list}, violations, tightness, list(lipschitz.nodes),
-                       torch.cat(radii) if radii else None)
+    total = max(result.count, 1)
+    return AuditReport(result.count, result.clean_accuracy, method.name, result.vra,
+                       {e: robust[e] / total for e in eps_list}, violations, tightness,
+                       list(lipschitz.nodes) if lipschitz is not None else [], result.radii)

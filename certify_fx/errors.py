@@ -11,6 +11,7 @@ from typing import Iterable
 
 __all__ = [
     "CertifyFxError",
+    "ConversionOptionError",
     "CheckpointError",
     "DatasetNotFoundError",
     "NotLipschitzError",
@@ -52,6 +53,10 @@ class UnsupportedNodeError(CertifyFxError, ValueError):
         if fix:
             message += f". Fix: {fix}"
         super().__init__(message)
+
+
+class ConversionOptionError(CertifyFxError, ValueError):
+    """An unknown conversion target, pass or option, or a value an option does not allow."""
 
 
 class NotLipschitzError(UnsupportedNodeError):

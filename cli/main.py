@@ -123,7 +123,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     with progress_display() as progress:
         converted = cfx.convert(model, to=args.to, input_shape=shape, activation=args.activation,
-                                max_pool=args.max_pool, progress=progress)
+                                bottleneck=args.bottleneck, max_pool=args.max_pool, rescale=args.rescale,
+                                progress=progress)
     table = Table(title=f"rewrite log: {args.model} -> {args.to}")
     table.add_column("pass", no_wrap=True, min_width=27)
     table.add_column("node", no_wrap=True)
@@ -247,9 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target family (default liresnet; use lipschitz-vit for ViTs)")
     c.add_argument("--input-size", type=input_shape_argument, default=None, metavar="C,H,W",
                    help="input shape without batch (default: the model's config)")
-    c.add_argument("--activation", choices=["minmax", "groupsort"], default="minmax")
+    c.add_argument("--activation", choices=["minmax", "groupsort"], default="minmax",
+                   help="the sorting activation put in place of ReLU, GELU, ...: minmax (pairs) or groupsort (groups "
+                        "of 4)")
+    c.add_argument("--bottleneck", choices=["auto", "composed", "factored"], default="auto",
+                   help="a bottleneck branch's convs: auto (factored when that has fewer parameters), composed or "
+                        "factored")
     c.add_argument("--max-pool", choices=["keep", "conv"], default="keep",
-                   help="overlapping max-pools: keep (bounded by sqrt of overlap) or replace by a strided conv")
+                   help="overlapping max-pools: keep (bounded by sqrt of the overlap) or replace by a strided conv")
+    c.add_argument("--no-rescale", dest="rescale", action="store_false",
+                   help="keep the weights' scale (by default each linear layer is divided by its estimated norm "
+                        "where above 1, so the model starts with a sane bound)")
     c.add_argument("-o", "--output", default=None,
                    help="save the converted model here (.safetensors or .pt; read back without running code)")
     c.add_argument("--no-bound", action="store_true", help="skip computing the bound (it can take minutes)")

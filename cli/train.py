@@ -90,14 +90,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_certify(args: argparse.Namespace) -> int:
     """Certify a model on a test set with the proven bound."""
-    import torch
     from rich.console import Console
     from rich.table import Table
+    from torch.utils.data import DataLoader
 
     import certify_fx as cfx
     from certify_fx.plots import plot_certified_accuracy, require_matplotlib
     from certify_fx.progress import progress_display
-    from certify_fx.train import evaluate_certified
 
     if args.plot:
         require_matplotlib()  # before minutes of certification, not after
@@ -108,16 +107,15 @@ def cmd_certify(args: argparse.Namespace) -> int:
     eps = args.eps or recipe.eval_eps
     console = Console(stderr=args.json)
     start = time.perf_counter()
+    method = cfx.certificates.certificate_method(args.method, classes=args.crc_classes)
     with progress_display() as progress:  # on stderr: stdout stays clean for --json
-        bound = cfx.certificate_bound(model, shape, args.method, progress=progress)
-        margin_bound = bound.lipschitz if args.method == "crc" else bound
+        bound = cfx.certificate_bound(model, shape, method, progress=progress)
         bound_seconds = time.perf_counter() - start
-        with torch.inference_mode():
-            result = evaluate_certified(model, bound, dataset, eps, recipe.data.eval_batch_size, keep_radii=True,
-                                        progress=progress, crc_classes=args.crc_classes)
+        result = cfx.evaluate_certified(model, DataLoader(dataset, batch_size=recipe.data.eval_batch_size), eps, method,
+                                        bound, keep_radii=True, progress=progress)
     seconds = time.perf_counter() - start
     summary = {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
-               "bound": margin_bound.margin.max().item(), "seconds": seconds,
+               "bound": method.margin_bound(bound).margin.max().item(), "seconds": seconds,
                "bound_seconds": bound_seconds, "count": result.count, "sound": bound.sound,
                "model": loaded.name, "data": data_name, "method": args.method}
     if args.plot:
@@ -125,16 +123,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    kind = "CRC-Lip certificate" if args.method == "crc" else "proven bound"
-    table = Table(title=f"{loaded.name} on {data_name} test ({result.count} images), {kind}")
+    table = Table(title=f"{loaded.name} on {data_name} test ({result.count} images), {method.title}")
     for col in ("metric", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
     table.add_row("clean accuracy", f"{result.clean_accuracy:.4f}")
     for e, v in result.vra.items():
         table.add_row(f"VRA @ eps={e:.4g}", f"{v:.4f}")
-    table.add_row("max K\\[i, j] (sound)", f"{summary['bound']:.4f}")
-    if args.method == "crc":
-        table.add_row("Lipschitz of features (sound)", f"{bound.features:.6f}")
+    for label, value in method.constants(bound).items():
+        table.add_row(label.replace("[", "\\[") + " (sound)", f"{value:.6g}")
     table.add_row("bound seconds", f"{bound_seconds:.2f}")
     table.add_row("total seconds", f"{seconds:.2f}")
     console.print(table)

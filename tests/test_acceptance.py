@@ -13,7 +13,7 @@ from torch import nn
 
 import certify_fx as cfx
 from certify_fx import nn as cnn
-from certify_fx.certify import round_up
+from certify_fx.certificates import round_up
 from conftest import empirical_margin_lipschitz, exact_margin_norms, jacobian_rows
 
 

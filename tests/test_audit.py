@@ -90,3 +90,22 @@ def test_the_audit_command_prints_json_and_exits_nonzero_on_false_certificates(t
     monkeypatch.setattr(certify_fx, "certificate_bound", too_small)
     assert main(["audit", str(checkpoint), "--limit", "100", "--eps", "0.1", "--steps", "10", "--restarts", "0"]) == 1
     assert "violation" in capsys.readouterr().out
+
+
+def test_certify_the_trainer_and_the_audit_report_one_vra(trained):
+    """The three consumers of a certificate share one loop over the data: on the same checkpoint
+    and test set, `certify --json`, the trainer's last evaluation and `audit` agree to the bit."""
+    checkpoint, _, test_set = trained
+    history = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
+    trainer_vra = history[-1]["vra"]
+    radii = ",".join(trainer_vra)
+    certified = run_cli("certify", checkpoint, "--eps", radii, "--json")
+    assert certified.returncode == 0, certified.stderr[-2000:]
+    audited = run_cli("audit", checkpoint, "--eps", radii, "--limit", str(len(test_set)), "--steps", "2",
+                      "--restarts", "0", "--json")  # the audit's default is 1000 images, the recipe's 200
+    assert audited.returncode == 0, audited.stderr[-2000:]
+    certify_report, audit_report = json.loads(certified.stdout), json.loads(audited.stdout)
+    assert certify_report["count"] == audit_report["count"] == len(test_set)
+    assert certify_report["vra"] == audit_report["vra"] == trainer_vra
+    assert certify_report["clean_accuracy"] == audit_report["clean_accuracy"] == history[-1]["clean_accuracy"]
+    assert max(trainer_vra.values()) > 0.3  # a trained model: the comparison is not of zeros

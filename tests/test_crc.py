@@ -8,8 +8,8 @@ from torch import nn
 
 import certify_fx
 from certify_fx.bounds.compiler import BoundCompiler
-from certify_fx.certify import pair_radii
-from certify_fx.crc import curvature_bound, curvature_radius, margin_curvature
+from certify_fx.certificates import pair_radii
+from certify_fx.certificates.crc import curvature_bound, curvature_radius, margin_curvature
 from certify_fx.errors import CertifyFxError
 from certify_fx.models.lipconvnet import LipConvnet
 from certify_fx.nn import SoftplusMLP

@@ -16,8 +16,8 @@ from torch import nn
 
 import certify_fx as cfx
 from certify_fx.bounds.module_state import ModuleState
-from certify_fx.certify import rounding_slack
-from certify_fx.crc import curvature_bound, curvature_radius
+from certify_fx.certificates import rounding_slack
+from certify_fx.certificates.crc import curvature_bound, curvature_radius
 from certify_fx.model_spec import ModelSpec
 from certify_fx.models.lipconvnet import LipConvnet
 

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import timm_layers
 from ..errors import TraceError, UnsupportedNodeError
 from . import registry
 from .module_state import ModuleState, unwrap_model
@@ -23,21 +24,12 @@ from .module_state import ModuleState, unwrap_model
 __all__ = ["CertifyTracer", "trace", "capture", "configured_input_shape", "example_input", "describe_node", "node_error"]
 
 
-def _timm_notrace() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
-    try:
-        from timm.layers import _fx as timm_fx
-    except ImportError:  # timm is a dependency, but keep the tracer usable without it
-        return set(), ()
-    functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
-    return set(timm_fx.get_notrace_modules()), functions
-
-
 class CertifyTracer(fx.Tracer):
     """``fx.Tracer`` whose leaves are the modules with a bound rule and timm's no-trace modules."""
 
     def __init__(self, extra_leaves: tuple[type[nn.Module], ...] = ()) -> None:
-        self._timm_leaves, functions = _timm_notrace()
-        super().__init__(autowrap_functions=functions)
+        self._timm_leaves = timm_layers.notrace_modules()
+        super().__init__(autowrap_functions=timm_layers.notrace_functions())
         self._extra_leaves = extra_leaves
         self.failed_in: tuple[str, nn.Module] | None = None
 

@@ -120,10 +120,16 @@ class Rule:
         return f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
 
 
-#: what an op is to the transforms, beyond its bound. ``"activation"``: an elementwise
-#: nonlinearity that ``convert`` replaces by MinMax/GroupSort (ReLU, GELU, SiLU, ...; the sorting
-#: activations it puts in their place have no kind).
-KINDS = frozenset({"activation"})
+#: what an op is to the transforms, beyond its bound:
+#:
+#: - ``"activation"``: an elementwise nonlinearity that ``convert`` replaces by MinMax/GroupSort
+#:   (ReLU, GELU, SiLU, ...; the sorting activations it puts in their place have no kind);
+#: - ``"linear"``: an affine map of its one input (convolutions, dense layers, per-channel scales,
+#:   zero padding, average pooling): the folding passes compose it with its neighbours, and
+#:   ``rescale_layers`` normalises its ``weight`` if it has one;
+#: - ``"normalization"``: normalisation by statistics (BatchNorm, LayerNorm, GroupNorm, ...), which
+#:   ``remove_normalization`` turns into a per-channel Affine where it knows how.
+KINDS = frozenset({"activation", "linear", "normalization"})
 
 FUNCTION_RULES: dict[Any, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}

@@ -23,13 +23,15 @@ from .cll import calibrated_sigma, cll
 from .crc_lip import crc_lip, curvature_penalty
 from .cross_entropy import cross_entropy
 from .emma import emma
-from .gloro import gloro_ce, gloro_logits, trades
+from .gloro import GloRo, bottom_logit, gloro_ce, gloro_logits, trades
 
 __all__ = [
     "CONTEXT_ARGUMENTS",
+    "GloRo",
     "LOSSES",
     "MARGIN_FREE_LOSSES",
     "Loss",
+    "bottom_logit",
     "calibrated_sigma",
     "cll",
     "crc_lip",

@@ -1,7 +1,7 @@
 """The CRC-Lip classifier (Singla & Feizi, 2022, Section 5): a 1-hidden-layer softplus MLP.
 
 Its second derivative is bounded, which is what the curvature-based certificate
-(:mod:`certify_fx.crc`) needs: for the margin ``z = h_i - h_j``,
+(:mod:`certify_fx.certificates.crc`) needs: for the margin ``z = h_i - h_j``,
 
     grad^2 z(y) = W1^T diag((w2_i - w2_j) * s''(W1 y + b1)) W1,   s'' in (0, 1/4],
 

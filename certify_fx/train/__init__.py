@@ -7,7 +7,6 @@
 from .builders import build_model, build_split
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
-from .evaluate import CertifiedEvaluation, evaluate_certified
 from .recipe import (
     BoundConfig,
     DataConfig,
@@ -29,7 +28,6 @@ from .trainer import CHECKPOINT_NAME, LOG_NAME, Trainer, history_table, train
 __all__ = [
     "BoundConfig",
     "CHECKPOINT_NAME",
-    "CertifiedEvaluation",
     "DataConfig",
     "DistributedContext",
     "EpsConfig",
@@ -46,7 +44,6 @@ __all__ = [
     "build_model",
     "build_split",
     "eps_schedule",
-    "evaluate_certified",
     "find_runs",
     "history_table",
     "linear_ramp",

@@ -49,7 +49,7 @@ def build_model(recipe: Recipe, *, source_weights: bool = True, trust_source: bo
         RecipeError: an unknown model, kwargs that do not fit.
         CheckpointError: source weights that are unreadable or do not fit.
     """
-    from ..transforms.convert import convert
+    from ..transforms.convert import convert, convert_structure
     from ..weights import load_weights
 
     spec = model_spec(recipe)
@@ -61,11 +61,9 @@ def build_model(recipe: Recipe, *, source_weights: bool = True, trust_source: bo
         load_weights(model, recipe.model.checkpoint)
     if recipe.model.convert == "none":
         return model
-    options = dict(recipe.model.convert_options)
-    if not source_weights:
-        options["rescale"] = False  # only changes weight values, which the caller restores
-    return convert(model.eval(), to=recipe.model.convert, input_shape=recipe_dataset_info(recipe).input_shape,
-                   **options)
+    build = convert if source_weights else convert_structure  # without source weights, the caller restores them
+    return build(model.eval(), to=recipe.model.convert, input_shape=recipe_dataset_info(recipe).input_shape,
+                 check=True, **recipe.model.convert_options)
 
 
 def build_split(recipe: Recipe, split: str, name: str | None = None) -> Dataset:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["DistributedContext", "all_gather_objects", "all_reduce_sum"]
+__all__ = ["DistributedContext", "all_gather_objects", "all_reduce_sum", "shard"]
 
 
 @dataclass
@@ -75,3 +76,9 @@ def all_gather_objects(obj: object, ctx: DistributedContext) -> list[object]:
     gathered: list[object] = [None] * ctx.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def shard(dataset: Dataset, ctx: DistributedContext) -> Dataset:
+    """This process's share of ``dataset`` for evaluation: every ``world_size``-th point from ``rank``
+    (the shards are disjoint and cover it; counts are then summed with :func:`all_reduce_sum`)."""
+    return Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)) if ctx.distributed else dataset

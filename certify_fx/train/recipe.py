@@ -217,9 +217,13 @@ def _validate(r: Recipe) -> None:
             raise RecipeError(f"recipe key {key!r} has unknown value {value!r}{did_you_mean(value, allowed)}; "
                               f"allowed: {', '.join(allowed)}")
     _validate_loss_options(r, loss_options(r.loss.name))
-    for key in r.model.convert_options:
+    for key, value in r.model.convert_options.items():
         if key not in CONVERT_OPTIONS:
             raise RecipeError(f"unknown recipe key 'model.convert_options.{key}'; allowed: {', '.join(CONVERT_OPTIONS)}")
+        try:
+            CONVERT_OPTIONS[key].check(value)
+        except ValueError as exc:
+            raise RecipeError(f"recipe key 'model.convert_options.{key}': {exc}") from None
     if r.model.convert_options and r.model.convert == "none":
         raise RecipeError("recipe key 'model.convert_options' is set but model.convert is 'none'")
     for a in r.data.augment:

@@ -28,15 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..bounds import bound as bound_model
-from ..certify import GloRo
+from ..certificates import evaluate_certified
 from ..errors import RecipeError, UnsupportedNodeError
 from ..files import atomic_write_text
-from ..losses import MARGIN_FREE_LOSSES, create_loss, needs_features
+from ..losses import MARGIN_FREE_LOSSES, GloRo, create_loss, needs_features
 from ..progress import ProgressLike, progress_display
 from .builders import build_model, build_split, recipe_dataset_info
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistributedContext, all_gather_objects, all_reduce_sum
-from .evaluate import evaluate_certified
+from .distributed import DistributedContext, all_gather_objects, all_reduce_sum, shard
 from .interrupt import StopRequest, TrainingInterrupted, leave_stops_to_the_trainer
 from .recipe import Recipe, recipe_from_dict
 from .run_dir import CHECKPOINT_NAME, LOG_NAME, RunDir, TensorBoardScalars
@@ -335,8 +334,10 @@ class Trainer:
                 bound = bound_model(self.model, self.info.input_shape, estimate_steps=0, progress=progress)
             except UnsupportedNodeError as exc:
                 bound, uncertifiable = None, str(exc)
-        result = evaluate_certified(self.model, bound, self.test_set, self.recipe.eval_eps,
-                                    self.recipe.data.eval_batch_size, self.ctx, progress=progress)
+        test = DataLoader(shard(self.test_set, self.ctx), batch_size=self.recipe.data.eval_batch_size)
+        result = evaluate_certified(self.model, test, self.recipe.eval_eps, "lipschitz" if bound is not None else None,
+                                    bound, device=self.ctx.device, progress=progress,
+                                    reduce=lambda counts: all_reduce_sum(counts, self.ctx))
         metrics = {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
                    "K": bound.margin.max().item() if bound is not None else math.inf,
                    "sound": bound is not None and bound.sound}

@@ -19,8 +19,9 @@ from einops import rearrange
 from torch import nn
 
 from ..nn import TokenMixing
-from .graph import add_submodule, annotate_shapes, capture_values, finalize
+from .graph import add_submodule, capture_values
 from .log import log_rewrite
+from .passes import conversion_pass
 
 __all__ = ["attention_to_spatial_mlp"]
 
@@ -51,8 +52,8 @@ def mean_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1).mean(dim=(0, 1))
 
 
+@conversion_pass(changes_function=True, after=("remove_normalization",))
 def attention_to_spatial_mlp(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
-    annotate_shapes(gm, input_shape)
     found = []
     for path, nodes in _attention_modules(gm).items():
         try:
@@ -90,7 +91,5 @@ def attention_to_spatial_mlp(gm: fx.GraphModule, input_shape: tuple[int, ...]) -
         out.replace_all_uses_with(current)
         log_rewrite(gm, "attention_to_spatial_mlp", path, f"{type(module).__name__} (softmax attention)",
                     f"Linear(value) -> TokenMixing({tokens}, mean attention map) -> Linear(proj)", True)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm
 

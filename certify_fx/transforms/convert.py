@@ -12,52 +12,43 @@ Pipelines (each pass a function ``GraphModule -> GraphModule`` in its own module
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..bounds.compiler import linear_form
-from ..errors import UnsupportedNodeError
-from ..progress import ProgressLike
 from ..bounds.capture import configured_input_shape, trace
-from .attention_to_spatial_mlp import attention_to_spatial_mlp
+from ..bounds.compiler import linear_form
+from ..errors import ConversionOptionError, UnsupportedNodeError
+from ..progress import ProgressLike
+from . import (attention_to_spatial_mlp, fold_batchnorm, fold_linear_chains, fold_linear_residuals,  # noqa: F401
+               linearize_residual_branches, remove_normalization, replace_activations, replace_gates,
+               replace_max_pool, rescale_layers, split_norm_act)  # registers the passes
 from .converted_model import ConvertedModel
-from .fold_batchnorm import fold_batchnorm
-from .fold_linear_chains import fold_linear_chains
-from .fold_linear_residuals import fold_linear_residuals
-from .linearize_residual_branches import linearize_residual_branches
 from .log import rewrite_log
-from .remove_normalization import remove_normalization
-from .replace_activations import replace_activations
-from .replace_gates import replace_gates
-from .replace_max_pool import replace_max_pool
-from .rescale_layers import rescale_layers
-from .split_norm_act import split_norm_act
+from .passes import PASSES, Option, check_order, options_of, resolve_options, run_passes
 
-__all__ = ["convert", "CONVERT_OPTIONS", "PIPELINES", "TARGETS", "check_supported"]
+__all__ = ["convert", "convert_structure", "CONVERT_OPTIONS", "PIPELINES", "TARGETS", "check_supported"]
 
-Pass = Callable[..., fx.GraphModule]
-
-PIPELINES: dict[str, list[Pass]] = {
-    "liresnet": [split_norm_act, fold_batchnorm, replace_gates, linearize_residual_branches, replace_activations,
-                 fold_linear_residuals, fold_linear_chains, remove_normalization, replace_max_pool],
-    "lipschitz-vit": [split_norm_act, fold_batchnorm, replace_gates, remove_normalization, attention_to_spatial_mlp,
-                      linearize_residual_branches, replace_activations, fold_linear_chains, fold_linear_residuals],
-    "lipschitz": [split_norm_act, fold_batchnorm, replace_gates, remove_normalization, attention_to_spatial_mlp,
-                  replace_activations, fold_linear_residuals, fold_linear_chains, replace_max_pool],
+#: the passes of each conversion target, in order (``rescale_layers`` runs last unless ``rescale=False``)
+PIPELINES: dict[str, list[str]] = {
+    "liresnet": ["split_norm_act", "fold_batchnorm", "replace_gates", "linearize_residual_branches",
+                 "replace_activations", "fold_linear_residuals", "fold_linear_chains", "remove_normalization",
+                 "replace_max_pool", "rescale_layers"],
+    "lipschitz-vit": ["split_norm_act", "fold_batchnorm", "replace_gates", "remove_normalization",
+                      "attention_to_spatial_mlp", "linearize_residual_branches", "replace_activations",
+                      "fold_linear_chains", "fold_linear_residuals", "rescale_layers"],
+    "lipschitz": ["split_norm_act", "fold_batchnorm", "replace_gates", "remove_normalization",
+                  "attention_to_spatial_mlp", "replace_activations", "fold_linear_residuals", "fold_linear_chains",
+                  "replace_max_pool", "rescale_layers"],
 }
 TARGETS = tuple(PIPELINES)
-#: keyword options of :func:`convert` besides the target and the input (recipes check against it)
-CONVERT_OPTIONS = ("activation", "max_pool", "bottleneck", "rescale")
-
-# Which options go to which pass.
-_PASS_OPTIONS = {
-    replace_activations: {"activation": "to"},
-    linearize_residual_branches: {"activation": "activation", "bottleneck": "bottleneck"},
-    replace_max_pool: {"max_pool": "mode"},
-}
+for _names in PIPELINES.values():
+    check_order(_names)
+#: keyword options of :func:`convert` besides the target and the input, from the passes' own
+#: declarations (recipes' ``model.convert_options`` and the CLI check against it)
+CONVERT_OPTIONS: dict[str, Option] = options_of(PASSES[name] for names in PIPELINES.values() for name in names)
 
 
 def _input_shape(model: nn.Module, example_input: torch.Tensor | None,
@@ -83,12 +74,9 @@ def convert(
     example_input: torch.Tensor | None = None,
     *,
     input_shape: Sequence[int] | None = None,
-    activation: str = "minmax",
-    max_pool: str = "keep",
-    bottleneck: str = "auto",
-    rescale: bool = True,
     check: bool = True,
     progress: ProgressLike | None = None,
+    **options: Any,
 ) -> ConvertedModel:
     """Rewrite ``model`` into a certifiable GraphModule (a normal, trainable ``nn.Module``).
 
@@ -102,44 +90,35 @@ def convert(
         model: any torch.fx-traceable classifier (timm ResNets and ViTs included).
         to: ``"liresnet"``, ``"lipschitz-vit"`` or ``"lipschitz"``.
         example_input: a batch, to fix the input shape; or give ``input_shape``.
-        activation: ``"minmax"`` or ``"groupsort"``.
-        max_pool: ``"keep"`` overlapping max-pools (bounded by sqrt of the overlap) or ``"conv"``.
-        bottleneck: ``"auto"`` keeps a bottleneck branch's convs factored (``LinearBottleneck``) when
-            that has fewer parameters than the composed full-width conv (bounded as exactly);
-            ``"composed"`` or ``"factored"`` force one form.
-        rescale: divide each linear layer by its estimated norm where above 1 (and biases and
-            constants by the factors before them), so the model starts with a sane bound;
-            predictions are unchanged for positively homogeneous networks (see ``rescale_layers``).
         check: verify that :func:`certify_fx.bound` accepts the result (cheap, structural).
         progress: a progress display (:func:`certify_fx.progress.progress_display`) to show one
             step per pass on.
+        options: the passes' options (:data:`CONVERT_OPTIONS`): ``activation`` (``"minmax"`` or
+            ``"groupsort"``), ``bottleneck`` (``"auto"`` keeps a bottleneck branch's convs factored
+            when that has fewer parameters than the composed conv, bounded as exactly;
+            ``"composed"``/``"factored"`` force one form), ``max_pool`` (``"keep"`` overlapping
+            max-pools, bounded by sqrt of the overlap, or ``"conv"``), ``rescale`` (True: divide each
+            linear layer by its estimated norm where above 1, so the model starts with a sane bound;
+            predictions are unchanged for positively homogeneous networks).
 
     Raises:
-        ValueError: unknown target or options.
+        ConversionOptionError: unknown target or options (a ValueError).
         UnsupportedNodeError: a node no pass could make Lipschitz; names the node and op.
     """
     if to not in PIPELINES:
-        raise ValueError(f"unknown conversion target {to!r}; choose one of {', '.join(TARGETS)}")
+        raise ConversionOptionError(f"unknown conversion target {to!r}; choose one of {', '.join(TARGETS)}")
+    chosen = resolve_options(options, CONVERT_OPTIONS)
     shape = _input_shape(model, example_input, input_shape)
     source = copy.deepcopy(model).eval()
     gm = trace(source)
     gm.eval()
     rewrite_log(gm)
-    options = {"activation": activation, "max_pool": max_pool, "bottleneck": bottleneck}
-    passes = [*PIPELINES[to], *([rescale_layers] if rescale else [])]
-    task = progress.add_task(f"convert to {to}", total=len(passes) + check, info="") if progress else None
-    for pass_fn in passes:
-        if task is not None:
-            progress.update(task, info=pass_fn.__name__)
-        kwargs = {arg: options[opt] for opt, arg in _PASS_OPTIONS.get(pass_fn, {}).items()}
-        gm = pass_fn(gm, shape, **kwargs)
-        if task is not None:
-            progress.advance(task)
+    task = progress.add_task(f"convert to {to}", total=len(PIPELINES[to]) + check, info="") if progress else None
+    gm = run_passes(gm, PIPELINES[to], shape, chosen, progress, task)
     if task is not None:
         progress.update(task, info="check_supported")
     gm.input_shape = shape
-    gm.conversion = {"to": to, "activation": activation, "max_pool": max_pool, "bottleneck": bottleneck,
-                     "rescale": rescale, "input_shape": list(shape)}
+    gm.conversion = {"to": to, **chosen, "input_shape": list(shape)}
     gm = ConvertedModel.from_graph_module(gm, shape)
     if check:
         try:
@@ -154,3 +133,11 @@ def convert(
     if task is not None:
         progress.remove_task(task)
     return gm
+
+
+def convert_structure(model: nn.Module, to: str, input_shape: Sequence[int], check: bool = False,
+                      **options: Any) -> ConvertedModel:
+    """The model :func:`convert` makes with ``options``, without the passes that only set weight
+    values (``rescale``): the structure to load a converted model's saved weights into."""
+    weights_only = {name: False for name, option in CONVERT_OPTIONS.items() if not option.structural}
+    return convert(model, to, input_shape=input_shape, check=check, **{**options, **weights_only})

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from .graph import (annotate_shapes, describe, describe_module, drop_passthrough, finalize, fold_region,
+from .graph import (describe, describe_module, drop_passthrough, fold_region,
                     replace_with_modules, single_input)
 from .log import log_rewrite
+from .passes import conversion_pass
 
 __all__ = ["fold_batchnorm"]
 
@@ -22,10 +23,10 @@ def _is_eval_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_var is not None
 
 
+@conversion_pass(changes_function=False, after=("split_norm_act",))
 def fold_batchnorm(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """Fold every eval-mode BatchNorm node (train-mode ones are left to ``remove_normalization``)."""
     drop_passthrough(gm)
-    annotate_shapes(gm, input_shape)
     for node in list(gm.graph.nodes):
         if not _is_eval_bn(gm, node):
             continue
@@ -44,6 +45,4 @@ def fold_batchnorm(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.Graph
         new = replace_with_modules(gm, source, node, modules, node.name)
         log_rewrite(gm, "fold_batchnorm", node.name, before, " + ".join(describe_module(m) for m in modules), False)
         new.meta["dynamic"] = True
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

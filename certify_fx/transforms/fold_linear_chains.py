@@ -12,14 +12,15 @@ import torch.fx as fx
 from .graph import (annotate_shapes, describe, describe_module, drop_passthrough, finalize, fold_region,
                     is_linear_unit, replace_with_modules, single_input)
 from .log import log_rewrite
+from .passes import conversion_pass
 
 __all__ = ["fold_linear_chains"]
 
 
+@conversion_pass(changes_function=False)
 def fold_linear_chains(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """Fold pairs of single-input linear nodes until nothing more folds exactly."""
     drop_passthrough(gm)
-    annotate_shapes(gm, input_shape)
     changed = True
     while changed:
         changed = False
@@ -43,5 +44,4 @@ def fold_linear_chains(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.G
             annotate_shapes(gm, input_shape)
             changed = True
             break
-    finalize(gm)
     return gm

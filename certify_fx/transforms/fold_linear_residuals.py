@@ -11,9 +11,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import (annotate_shapes, describe_module, drop_passthrough, finalize, fold_region, is_linear_unit,
+from .graph import (describe_module, drop_passthrough, fold_region, is_linear_unit,
                     replace_with_modules, single_input, tensor_args)
 from .log import log_rewrite
+from .passes import conversion_pass
 
 __all__ = ["fold_linear_residuals", "is_add"]
 
@@ -35,9 +36,9 @@ def linear_chain(gm: fx.GraphModule, start: fx.Node) -> list[fx.Node]:
     return chain
 
 
+@conversion_pass(changes_function=False)
 def fold_linear_residuals(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
     drop_passthrough(gm)
-    annotate_shapes(gm, input_shape)
     for node in list(gm.graph.nodes):
         if not is_add(node) or node.graph is not gm.graph:
             continue
@@ -59,6 +60,4 @@ def fold_linear_residuals(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> f
         new.meta["dynamic"] = True
         log_rewrite(gm, "fold_linear_residuals", node.name, before, " + ".join(describe_module(m) for m in modules),
                     False)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

@@ -249,16 +249,13 @@ def sole_user(node: fx.Node) -> fx.Node | None:
 OPERATORS_ADD = (operator.add, operator.iadd, torch.add)
 
 
-LINEAR_MODULES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, Affine, nn.ZeroPad2d, nn.AvgPool2d)
-
-
 def is_linear_unit(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A single-input affine operation the folding passes may absorb."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # a normalisation that is affine in eval mode
             return not m.training and m.running_var is not None
-        return isinstance(m, LINEAR_MODULES) or is_passthrough(gm, node)
+        return registry.node_kind(node, gm) == "linear" or is_passthrough(gm, node)
     if node.op == "call_function" and node.target in (operator.mul, operator.truediv, torch.mul):
         return len(tensor_args(node)) == 1 and len(node.all_input_nodes) <= 2
     return False

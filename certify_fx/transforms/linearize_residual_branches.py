@@ -37,7 +37,8 @@ from .fold_linear_residuals import is_add
 from .graph import (add_submodule, annotate_shapes, drop_passthrough, finalize, is_activation, is_linear_unit,
                     module_for, single_input, tensor_args)
 from .log import log_rewrite
-from .replace_activations import sorting_activation
+from .passes import Option, conversion_pass
+from .replace_activations import ACTIVATION, sorting_activation
 
 __all__ = ["linearize_residual_branches"]
 
@@ -157,6 +158,8 @@ def _conv_module(weight, bias, stride, padding) -> nn.Conv2d:
 
 
 BOTTLENECK_FORMS = ("auto", "composed", "factored")
+BOTTLENECK = Option("bottleneck", "auto", BOTTLENECK_FORMS,
+                    "a bottleneck branch's convs: auto (factored when that has fewer parameters), composed or factored")
 
 
 def _factored(gm: fx.GraphModule, units: list[fx.Node], channels: int) -> list[_Affine] | None:
@@ -264,13 +267,14 @@ def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: st
                 after, True)
 
 
+@conversion_pass(changes_function=True, parameters={"activation": ACTIVATION, "bottleneck": BOTTLENECK},
+                 after=("fold_batchnorm", "replace_gates", "attention_to_spatial_mlp"))
 def linearize_residual_branches(gm: fx.GraphModule, input_shape: tuple[int, ...], activation: str = "minmax",
                                 bottleneck: str = "auto") -> fx.GraphModule:
     """Linearize every residual block ``x + g(x)`` whose branch ``g`` is nonlinear and shortcut linear."""
     if bottleneck not in BOTTLENECK_FORMS:
         raise ValueError(f"bottleneck must be one of {', '.join(BOTTLENECK_FORMS)}, got {bottleneck!r}")
     drop_passthrough(gm)
-    annotate_shapes(gm, input_shape)
     blocks = _find_blocks(gm)
     num_lires = sum(1 for b in blocks if not b.shortcut and len(b.add.meta["shape"]) == 4) or 1
     done: set[str] = set()
@@ -283,6 +287,4 @@ def linearize_residual_branches(gm: fx.GraphModule, input_shape: tuple[int, ...]
         _linearize(gm, block, num_lires, activation, bottleneck)
         finalize(gm)
         annotate_shapes(gm, input_shape)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

@@ -12,9 +12,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..bounds.registry import node_kind
 from ..nn import Affine
-from .graph import add_submodule, annotate_shapes, describe, finalize, tensor_args
+from .graph import add_submodule, describe, tensor_args
 from .log import log_rewrite
+from .passes import conversion_pass
 
 __all__ = ["remove_normalization"]
 
@@ -30,7 +32,7 @@ def _affine(num: int, dim: int, weight, bias) -> Affine:
 
 
 def _replacement(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine, bool] | None:
-    """The Affine for a normalisation node and whether it changes the function."""
+    """The Affine for a normalisation node and whether it changes the function (None: no such form)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -58,13 +60,13 @@ def _constant(gm: fx.GraphModule, arg) -> torch.Tensor | None:
     return gm.get_parameter(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
+@conversion_pass(changes_function=True, after=("fold_batchnorm",))
 def remove_normalization(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
-    annotate_shapes(gm, input_shape)
     for node in list(gm.graph.nodes):
         args = tensor_args(node)
-        if len(args) != 1:
+        if len(args) != 1 or node_kind(node, gm) != "normalization":
             continue
-        found = _replacement(gm, node)
+        found = _replacement(gm, node)  # None for a normalisation with no per-channel Affine form (it stays refused)
         if found is None:
             continue
         affine, changes = found
@@ -76,6 +78,4 @@ def remove_normalization(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx
         gm.graph.erase_node(node)
         log_rewrite(gm, "remove_normalization", node.name, before, f"Affine({affine.num_features}, dim={affine.dim})",
                     changes)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

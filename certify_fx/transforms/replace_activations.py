@@ -10,13 +10,16 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..nn import GroupSort, MinMax
-from .graph import add_submodule, annotate_shapes, describe, finalize, is_activation, tensor_args
+from .graph import add_submodule, describe, is_activation, tensor_args
 from .log import log_rewrite
+from .passes import Option, conversion_pass
 
 __all__ = ["replace_activations", "sorting_activation", "ACTIVATIONS"]
 
 #: the sorting activations the pass puts in place (the CLI's ``--activation`` choices)
 ACTIVATIONS = ("minmax", "groupsort")
+ACTIVATION = Option("activation", "minmax", ACTIVATIONS,
+                    "the sorting activation put in place of ReLU, GELU, ...: minmax (pairs) or groupsort (groups of 4)")
 
 
 def sorting_activation(shape: tuple[int, ...], to: str = "minmax", group_size: int = 2) -> GroupSort | None:
@@ -29,6 +32,7 @@ def sorting_activation(shape: tuple[int, ...], to: str = "minmax", group_size: i
     return MinMax(dim=dim) if to == "minmax" else GroupSort(group, dim=dim)
 
 
+@conversion_pass(changes_function=True, parameters={"to": ACTIVATION}, after=("linearize_residual_branches",))
 def replace_activations(gm: fx.GraphModule, input_shape: tuple[int, ...], to: str = "minmax",
                         group_size: int = 4) -> fx.GraphModule:
     """Replace every activation node.
@@ -38,7 +42,6 @@ def replace_activations(gm: fx.GraphModule, input_shape: tuple[int, ...], to: st
     """
     if to not in ACTIVATIONS:
         raise ValueError(f"replace_activations: to must be one of {ACTIVATIONS}, got {to!r}")
-    annotate_shapes(gm, input_shape)
     for node in list(gm.graph.nodes):
         if not is_activation(gm, node):
             continue
@@ -58,6 +61,4 @@ def replace_activations(gm: fx.GraphModule, input_shape: tuple[int, ...], to: st
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         log_rewrite(gm, "replace_activations", node.name, before, f"{type(act).__name__}(dim={act.dim})", True)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

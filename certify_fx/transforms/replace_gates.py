@@ -14,8 +14,9 @@ import torch
 import torch.fx as fx
 
 from ..nn import Affine
-from .graph import annotate_shapes, capture_values, finalize, swap_for_module
+from .graph import capture_values, swap_for_module
 from .log import log_rewrite
+from .passes import conversion_pass
 
 __all__ = ["replace_gates"]
 
@@ -44,8 +45,8 @@ def _gate(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
+@conversion_pass(changes_function=True)
 def replace_gates(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
-    annotate_shapes(gm, input_shape)
     found = [(node, *pair) for node in gm.graph.nodes if (pair := _gate(gm, node)) is not None]
     if not found:
         return gm
@@ -58,6 +59,4 @@ def replace_gates(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphM
         swap_for_module(gm, node, f"{node.name}.scale", scale, (x,))
         log_rewrite(gm, "replace_gates", node.name, f"x * gate(x) (per-channel gate of {mean.numel()} channels)",
                     f"Affine({mean.numel()}) scale = the gate's mean on an example batch", True)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

@@ -12,21 +12,24 @@ import torch.fx as fx
 from torch import nn
 
 from ..bounds.constants import max_pool_constant
-from .graph import annotate_shapes, finalize, swap_for_module
+from .graph import swap_for_module
 from .log import log_rewrite
+from .passes import Option, conversion_pass
 
 __all__ = ["replace_max_pool", "MAX_POOL_MODES"]
 
 
 #: what the pass can do with an overlapping max-pool (the CLI's ``--max-pool`` choices)
 MAX_POOL_MODES = ("keep", "conv")
+MAX_POOL = Option("max_pool", "keep", MAX_POOL_MODES,
+                  "overlapping max-pools: keep (bounded by sqrt of the overlap) or replace by a strided conv")
 
 
+@conversion_pass(changes_function=True, parameters={"mode": MAX_POOL})
 def replace_max_pool(gm: fx.GraphModule, input_shape: tuple[int, ...], mode: str = "keep") -> fx.GraphModule:
     """``mode="keep"`` leaves max-pools in place (and logs their factor); ``"conv"`` replaces them."""
     if mode not in MAX_POOL_MODES:
         raise ValueError(f"replace_max_pool: mode must be one of {MAX_POOL_MODES}, got {mode!r}")
-    annotate_shapes(gm, input_shape)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.MaxPool2d):
             continue
@@ -45,6 +48,4 @@ def replace_max_pool(gm: fx.GraphModule, input_shape: tuple[int, ...], mode: str
         swap_for_module(gm, node, node.name + ".conv", conv, node.args)
         log_rewrite(gm, "replace_max_pool", node.name, f"MaxPool2d (factor {factor:.3g})",
                     f"depthwise Conv2d {k}x{k} (average-pool init)", True)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

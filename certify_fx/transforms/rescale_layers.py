@@ -29,16 +29,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import timm_layers
 from ..bounds.dependence import Dependence, input_dependence
+from ..bounds.registry import node_kind
 from ..bounds.power_iteration import power_iteration
-from ..nn import Affine, GroupSort, LinearBottleneck, LiResNetBlock, MinMax, TokenMixing
-from .graph import annotate_shapes
+from ..nn import GroupSort, LinearBottleneck, LiResNetBlock, MinMax
 from .log import log_rewrite
+from .passes import Option, conversion_pass
 
 __all__ = ["rescale_layers", "estimate_linear_norm"]
 
-LINEAR_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, Affine, TokenMixing)
 _PASS = "rescale_layers"
+RESCALE = Option("rescale", True, None, "divide each linear layer by its estimated norm where above 1, so the "
+                 "model starts with a sane bound", structural=False)
 # One dynamic input, output scaled by the same factor as the input (degree-1 homogeneous).
 _HOMOGENEOUS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "sum",
                         "squeeze", "unsqueeze", "expand", "expand_as", "to", "type_as", "__getitem__", "chunk",
@@ -53,7 +56,6 @@ _SCALARS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", 
 
 _HOMOGENEOUS_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                         nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d, nn.ZeroPad2d, MinMax, GroupSort)
-_HOMOGENEOUS_TIMM_MODULES = ("DropPath", "SelectAdaptivePool2d", "MaxPool2dSame", "AvgPool2dSame", "BlurPool2d")
 
 
 def _homogeneous_module(module: nn.Module) -> bool:
@@ -61,7 +63,7 @@ def _homogeneous_module(module: nn.Module) -> bool:
         return True
     if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
         return module.value == 0
-    return type(module).__name__ in _HOMOGENEOUS_TIMM_MODULES
+    return isinstance(module, timm_layers.SCALE_FREE)
 
 
 def estimate_linear_norm(module: nn.Module, input_shape: tuple[int, ...], steps: int = 25) -> float:
@@ -107,9 +109,11 @@ def _constant_parameter(gm: fx.GraphModule, node: fx.Node, dependence: dict) -> 
             return None
 
 
+@conversion_pass(changes_function=True, enabled_by=RESCALE,
+                 after=("fold_linear_chains", "fold_linear_residuals", "linearize_residual_branches",
+                        "remove_normalization", "replace_max_pool", "attention_to_spatial_mlp"))
 @torch.no_grad()
 def rescale_layers(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
-    annotate_shapes(gm, input_shape)
     dependence = input_dependence(gm)
     scale: dict[fx.Node, float] = {}
     scaled_constants: dict[str, float] = {}
@@ -129,7 +133,8 @@ def rescale_layers(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.Graph
         target = node.target
         if node.op == "call_module":
             module = gm.get_submodule(target)
-            if isinstance(module, LINEAR_MODULES) and len(inputs) == 1:
+            if node_kind(node, gm) == "linear" and isinstance(getattr(module, "weight", None), nn.Parameter) \
+                    and len(inputs) == 1:
                 if not torch.any(module.weight != 0):
                     nn.init.trunc_normal_(module.weight, std=0.02)
                     log_rewrite(gm, _PASS, node.name, f"{type(module).__name__} with zero weight (constant output)",

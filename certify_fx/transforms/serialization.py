@@ -51,12 +51,10 @@ def save_converted(gm: fx.GraphModule, path: str | Path, source: ModelSpec | dic
 def rebuild_converted(spec: ModelSpec, conversion: dict[str, Any], trust_source: bool = False) -> fx.GraphModule:
     """The converted model's structure, rebuilt from its source spec and conversion options
     (the weights are those of a fresh source model until a state_dict is loaded)."""
-    from .convert import convert
+    from .convert import convert_structure
 
     options = {k: v for k, v in conversion.items() if k not in ("to", "input_shape")}
-    options["rescale"] = False  # only changes weight values, which the caller loads
-    return convert(spec.build(trust_source), to=conversion["to"], input_shape=conversion["input_shape"],
-                   check=False, **options)
+    return convert_structure(spec.build(trust_source), conversion["to"], conversion["input_shape"], **options)
 
 
 def load_converted(path: str | Path, trust_source: bool = False) -> fx.GraphModule:

@@ -7,23 +7,18 @@ import copy
 import torch.fx as fx
 from torch import nn
 
-from .graph import add_submodule, annotate_shapes, finalize
+from .. import timm_layers
+from .graph import add_submodule
 from .log import log_rewrite
+from .passes import conversion_pass
 
 __all__ = ["split_norm_act"]
 
 
-def _norm_act_types() -> tuple[type[nn.Module], ...]:
-    try:
-        from timm.layers.norm_act import BatchNormAct2d
-    except ImportError:
-        return ()
-    return (BatchNormAct2d,)
-
-
+@conversion_pass(changes_function=False)
 def split_norm_act(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """``BatchNormAct2d(x)`` becomes ``act(BatchNorm2d(x))`` so later passes see both parts."""
-    types = _norm_act_types()
+    types = timm_layers.NORM_ACT
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), types):
             continue
@@ -41,6 +36,4 @@ def split_norm_act(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.Graph
         gm.graph.erase_node(node)
         log_rewrite(gm, "split_norm_act", node.name, type(fused).__name__,
                     f"BatchNorm2d -> {type(fused.act).__name__}", False)
-    finalize(gm)
-    annotate_shapes(gm, input_shape)
     return gm

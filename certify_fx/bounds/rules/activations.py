@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import nn as cnn
+from ... import timm_layers
 from .. import constants as C
 from ..registry import register_module_rule, register_rule
 from ..values import Refused, TupleResult
@@ -261,17 +262,9 @@ SMOOTH_MODULES: dict[type, float] = {
 }
 
 
-def _timm_activations() -> dict[type, float]:
-    try:
-        from timm.layers import activations as ta
-    except ImportError:
-        return {}
-    table = {"GELU": C.GELU, "GELUTanh": C.GELU_TANH, "Swish": C.SILU, "Mish": C.MISH, "Sigmoid": C.SIGMOID,
-             "Tanh": 1.0, "HardSwish": C.HARDSWISH, "HardSigmoid": C.HARDSIGMOID}
-    return {getattr(ta, name): value for name, value in table.items() if getattr(ta, name, None) is not None}
-
-
-SMOOTH_MODULES.update(_timm_activations())
+_TIMM_CONSTANTS = {"GELU": C.GELU, "GELUTanh": C.GELU_TANH, "Swish": C.SILU, "Mish": C.MISH, "Sigmoid": C.SIGMOID,
+                   "Tanh": 1.0, "HardSwish": C.HARDSWISH, "HardSigmoid": C.HARDSIGMOID}
+SMOOTH_MODULES.update({cls: _TIMM_CONSTANTS[name] for name, cls in timm_layers.ACTIVATIONS.items()})
 
 
 @register_module_rule(*(t for t in SMOOTH_MODULES if t is not nn.Hardsigmoid), kind="activation")

@@ -139,7 +139,7 @@ def linear(ev, input, weight, bias=None):
     return _dense(ev, input, weight)
 
 
-@register_module_rule(nn.Linear)
+@register_module_rule(nn.Linear, kind="linear")
 def linear_module(ev, module, input):
     return _dense(ev, input, module.weight)
 
@@ -206,7 +206,7 @@ def conv(ev, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
     return _conv(ev, input, weight, stride, padding, dilation, groups)
 
 
-@register_module_rule(nn.Conv1d, nn.Conv2d)
+@register_module_rule(nn.Conv1d, nn.Conv2d, kind="linear")
 def conv_module(ev, module, input):
     _check_zero_padding(ev, module)
     return _conv(ev, input, module.weight, module.stride, module.padding, module.dilation, module.groups)
@@ -229,14 +229,14 @@ def conv_transpose2d(ev, input, weight, bias=None, stride=1, padding=0, output_p
     return _conv_transpose2d(ev, input, weight, stride, padding, output_padding, groups, dilation)
 
 
-@register_module_rule(nn.ConvTranspose2d)
+@register_module_rule(nn.ConvTranspose2d, kind="linear")
 def conv_transpose2d_module(ev, module, input, output_size=None):
     _check_zero_padding(ev, module)
     return _conv_transpose2d(ev, input, module.weight, module.stride, module.padding, module.output_padding,
                              module.groups, module.dilation)
 
 
-@register_module_rule(cnn.TokenMixing)
+@register_module_rule(cnn.TokenMixing, kind="linear")
 def token_mixing_module(ev, module, input):
     if len(input.shape) != 2:
         ev.fail("TokenMixing expects (batch, tokens, channels) inputs")

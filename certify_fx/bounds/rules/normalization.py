@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import nn as cnn
+from ... import timm_layers
 from ...errors import NotLipschitzError
 from ..operators import Scale
 from ..registry import register_module_rule, register_rule
@@ -42,7 +43,7 @@ def batch_norm_module_scale(ev, m: nn.modules.batchnorm._BatchNorm) -> torch.Ten
     return _batch_norm_scale(ev, m.running_var, m.weight, m.eps)
 
 
-@register_module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+@register_module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, kind="normalization")
 def batch_norm_module(ev, module, input):
     return channel_scale(ev, input, batch_norm_module_scale(ev, module))
 
@@ -55,26 +56,17 @@ def batch_norm(ev, input, running_mean, running_var, weight=None, bias=None, tra
     return channel_scale(ev, input, _batch_norm_scale(ev, running_var, weight, eps))
 
 
-@register_module_rule(cnn.Affine)
+@register_module_rule(cnn.Affine, kind="linear")
 def affine_module(ev, module, input):
     return channel_scale(ev, input, module.weight, feature_dim(ev, module.dim, len(input.shape) + 1, "Affine"))
 
 
-def _timm_batch_norm_act() -> None:
-    try:
-        from timm.layers.norm_act import BatchNormAct2d
-    except ImportError:
-        return
-
-    @register_module_rule(BatchNormAct2d)
-    def batch_norm_act_module(ev, module, input):
-        """timm's BatchNorm + dropout + activation in one module."""
-        y = channel_scale(ev, input, batch_norm_module_scale(ev, module))
-        drop = getattr(module, "drop", None)
-        if drop is not None and not isinstance(drop, nn.Identity):
-            y = ev.apply_module(drop, y)
-        act = getattr(module, "act", None)
-        return y if act is None or isinstance(act, nn.Identity) else ev.apply_module(act, y)
-
-
-_timm_batch_norm_act()
+@register_module_rule(*timm_layers.NORM_ACT)
+def batch_norm_act_module(ev, module, input):
+    """timm's BatchNorm + dropout + activation in one module."""
+    y = channel_scale(ev, input, batch_norm_module_scale(ev, module))
+    drop = getattr(module, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        y = ev.apply_module(drop, y)
+    act = getattr(module, "act", None)
+    return y if act is None or isinstance(act, nn.Identity) else ev.apply_module(act, y)

@@ -97,7 +97,7 @@ def avg_pool2d(ev, input, kernel_size, stride=None, padding=0, ceil_mode=False, 
     return _avg_pool(ev, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
-@register_module_rule(nn.AvgPool2d)
+@register_module_rule(nn.AvgPool2d, kind="linear")
 def avg_pool2d_module(ev, module, input):
     return _avg_pool(ev, input, module.kernel_size, module.stride, module.padding, module.ceil_mode,
                      module.count_include_pad, module.divisor_override)

@@ -11,24 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import timm_layers
 from ...errors import NotLipschitzError
 from ..registry import register_module_rule, register_rule
 from .common import FIX_ATTENTION, FIX_NORMALIZATION
 
-NORMALIZATION_MODULES: list[type] = [nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                                     nn.LocalResponseNorm, nn.RMSNorm]
-
-
-def _timm_norms() -> list[type]:
-    try:
-        from timm.layers import norm as tn
-    except ImportError:
-        return []
-    names = ("LayerNorm", "LayerNorm2d", "RmsNorm", "RmsNorm2d", "GroupNorm", "GroupNorm1", "SimpleNorm")
-    return [getattr(tn, n) for n in names if getattr(tn, n, None) is not None]
-
-
-NORMALIZATION_MODULES += _timm_norms()
+NORMALIZATION_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
+                         nn.RMSNorm, *timm_layers.NORMALIZATION)
 
 #: operations whose result is random: the model would not be one function.
 RANDOM_FUNCTIONS = frozenset({
@@ -45,12 +34,12 @@ def _not_lipschitz(ev, reason: str, fix: str):
     ev.fail(reason, fix, NotLipschitzError)
 
 
-@register_module_rule(*NORMALIZATION_MODULES)
+@register_module_rule(*NORMALIZATION_MODULES, kind="normalization")
 def normalization_module(ev, module, input):
     _not_lipschitz(ev, "normalisation by the input's own statistics is not globally Lipschitz", FIX_NORMALIZATION)
 
 
-@register_rule(F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm, F.rms_norm)
+@register_rule(F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm, F.rms_norm, kind="normalization")
 def normalization(ev, input, *args, eps=1e-5, weight=None, bias=None):
     _not_lipschitz(ev, "normalisation by the input's own statistics is not globally Lipschitz", FIX_NORMALIZATION)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import timm_layers
 from ..operators import Concat, NonnegativeMap, Pad, Permute, Reshape, Select
 from ..registry import register_module_rule, register_rule
 from ..values import Refused, Tracked, TupleResult
@@ -274,7 +275,8 @@ def pad(ev, input, pad, mode="constant", value=None):
     return _pad(ev, input, pad, mode)
 
 
-@register_module_rule(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+@register_module_rule(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                      kind="linear")
 def pad_module(ev, module, input):
     return _pad(ev, input, module.padding)
 
@@ -393,15 +395,6 @@ def dropout_module(ev, module, input):
     return _dropout(ev, input, module.p, module.training)
 
 
-def _timm_drop_path() -> None:
-    try:
-        from timm.layers import DropPath
-    except ImportError:
-        return
-
-    @register_module_rule(DropPath, may_alias=True)
-    def drop_path_module(ev, module, input):
-        return _dropout(ev, input, module.drop_prob, module.training)
-
-
-_timm_drop_path()
+@register_module_rule(*timm_layers.DROP_PATH, may_alias=True)
+def drop_path_module(ev, module, input):
+    return _dropout(ev, input, module.drop_prob, module.training)

@@ -30,18 +30,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .bounds.compiler import BoundCompiler
-from .bounds.result import LipschitzBound
-from .bounds.dependence import forward_hooks
-from .bounds.norms import SAFETY
-from .errors import CertifyFxError
-from .models._classifier import TimmClassifier
-from .nn.softplus_mlp import SOFTPLUS_CURVATURE, SmoothSoftplus, SoftplusMLP
+from ..bounds.compiler import BoundCompiler
+from ..bounds.dependence import forward_hooks
+from ..bounds.norms import SAFETY
+from ..bounds.result import LipschitzBound
+from ..errors import CertifyFxError
+from ..models._classifier import TimmClassifier
+from ..nn.softplus_mlp import SOFTPLUS_CURVATURE, SmoothSoftplus, SoftplusMLP
+from .base import CertificateMethod, register_certificate
+from .radius import check_bound, check_logits, check_proven, pair_radii, rounding_slack, smallest_radius
 
 if TYPE_CHECKING:
-    from .progress import ProgressLike
+    from ..progress import ProgressLike
 
-__all__ = ["CurvatureBound", "curvature_bound", "curvature_radius", "margin_curvature"]
+__all__ = ["CRCLipMethod", "CurvatureBound", "curvature_bound", "curvature_radius", "margin_curvature"]
 
 #: The paper's acceptance test: the gradient of the Lagrangian at the solution.
 TOLERANCE = 1e-6
@@ -238,3 +240,67 @@ def curvature_radius(head: SoftplusMLP, features: torch.Tensor, pred: torch.Tens
             break
     radius = (2 * best).sqrt()
     return torch.where(torch.isfinite(radius), radius, torch.zeros_like(radius)).reshape(n, k)
+
+
+@register_certificate
+class CRCLipMethod(CertificateMethod):
+    """CRC-Lip (module docstring): for a model whose classifier is a
+    :class:`~certify_fx.nn.SoftplusMLP`, each class keeps the larger of its Lipschitz radius and
+    its curvature radius; the input's radius is the smallest over classes.
+
+    Args:
+        classes: solve only for the ``classes`` classes nearest by the Lipschitz radius (the
+            others keep their Lipschitz radius: sound either way, faster with many classes).
+            All if None.
+    """
+
+    name = "crc"
+    title = "CRC-Lip certificate"
+
+    def __init__(self, classes: int | None = None) -> None:
+        self.classes = classes
+
+    def prove(self, model: nn.Module, input_shape: tuple[int, ...],
+              progress: ProgressLike | None = None) -> CurvatureBound:
+        return curvature_bound(model, input_shape, progress=progress)
+
+    def margin_bound(self, bound: CurvatureBound) -> LipschitzBound:
+        if not isinstance(bound, CurvatureBound):
+            raise CertifyFxError(f"the CRC-Lip certificate needs a CurvatureBound (certify_fx.curvature_bound), got "
+                                 f"{type(bound).__name__}")
+        return bound.lipschitz
+
+    def constants(self, bound: CurvatureBound) -> dict[str, float]:
+        return {**super().constants(bound), "Lipschitz of features": bound.features}
+
+    def check(self, model: nn.Module, bound: CurvatureBound, input_shape: tuple[int, ...]) -> None:
+        super().check(model, bound, input_shape)
+        crc_head(model)
+        check_proven(bound.sound, bound.lipschitz.finite)
+
+    def certify(self, model: nn.Module, x: torch.Tensor, eps: float, bound: object = None):
+        """As :meth:`CertificateMethod.certify`; a given margin bound (``certify_fx.bound``) is
+        checked first and the curvature constants are built on it."""
+        if isinstance(bound, LipschitzBound):
+            check_bound(model, bound, tuple(x.shape[1:]))
+            bound = curvature_bound(model, tuple(x.shape[1:]), lipschitz=bound)
+        return super().certify(model, x, eps, bound)
+
+    def radii(self, model: nn.Module, x: torch.Tensor, bound: CurvatureBound) -> tuple[torch.Tensor, torch.Tensor]:
+        head = crc_head(model)
+        with torch.inference_mode():
+            features = model.forward_features(x)
+            logits = model.forward_head(features)  # timm's contract: model(x) == forward_head(forward_features(x))
+        check_logits(logits, x.shape[0], bound.lipschitz.num_classes)
+        pred, pairs = pair_radii(logits, bound.lipschitz.margin)
+        m = pairs.shape[1]
+        if m > 1:
+            k = m - 1 if self.classes is None else max(1, min(int(self.classes), m - 1))
+            nearest = pairs.nan_to_num(nan=0.0).topk(k, dim=1, largest=False).indices  # pred (inf) is never chosen
+            # the same rounding slack as the Lipschitz radius: the boundary proven is z = slack, not z = 0
+            slack = rounding_slack(logits, pred).gather(1, nearest)
+            curved = curvature_radius(head, features.flatten(1), pred, bound.lower, bound.upper, nearest,
+                                      slack=slack)
+            curved = torch.where(pairs.gather(1, nearest) > 0, curved / bound.features, 0.0)  # the gap must be positive
+            pairs = pairs.scatter(1, nearest, torch.maximum(pairs.gather(1, nearest), curved))
+        return pred, smallest_radius(pairs)

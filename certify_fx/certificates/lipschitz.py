@@ -1,0 +1,62 @@
+"""The Lipschitz-margin certificate (GloRo): ``f_j - f_i > eps * K[j, i]`` for every ``i != j``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..bounds.compiler import bound as margin_bound
+from ..bounds.result import LipschitzBound
+from ..errors import CertifyFxError
+from .base import CertificateMethod, register_certificate
+from .radius import certified_radius, check_logits, check_proven
+
+if TYPE_CHECKING:
+    from ..progress import ProgressLike
+
+__all__ = ["LipschitzMethod"]
+
+
+@register_certificate
+class LipschitzMethod(CertificateMethod):
+    """Margins over the compiler's constants: the radius is ``min_{i != j} (f_j - f_i) / K[j, i]``.
+
+    Args:
+        use_estimate: certify with the power-iteration estimate instead of the proven bound (for
+            reproducing papers; certificates are then marked ``sound=False``).
+    """
+
+    name = "lipschitz"
+    title = "proven bound"
+
+    def __init__(self, use_estimate: bool = False) -> None:
+        self.use_estimate = bool(use_estimate)
+        self.sound = not self.use_estimate
+
+    def prove(self, model: nn.Module, input_shape: tuple[int, ...],
+              progress: ProgressLike | None = None) -> LipschitzBound:
+        return margin_bound(model, input_shape, estimate_steps=100 if self.use_estimate else 0, progress=progress)
+
+    def margin_bound(self, bound: Any) -> LipschitzBound:
+        """``bound`` itself, or the margin bound another method's constants carry (``.lipschitz``)."""
+        if isinstance(bound, LipschitzBound):
+            return bound
+        inner = getattr(bound, "lipschitz", None)
+        if isinstance(inner, LipschitzBound):
+            return inner
+        raise CertifyFxError(f"the Lipschitz certificate needs a LipschitzBound (certify_fx.bound), got "
+                             f"{type(bound).__name__}")
+
+    def check(self, model: nn.Module, bound: Any, input_shape: tuple[int, ...]) -> None:
+        super().check(model, bound, input_shape)
+        lipschitz = self.margin_bound(bound)
+        check_proven(lipschitz.sound, lipschitz.finite, self.use_estimate)
+
+    def radii(self, model: nn.Module, x: torch.Tensor, bound: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        lipschitz = self.margin_bound(bound)
+        with torch.inference_mode():
+            logits = model(x)
+        check_logits(logits, x.shape[0], lipschitz.num_classes)
+        return certified_radius(logits, lipschitz.estimate if self.use_estimate else lipschitz.margin)
