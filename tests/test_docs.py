@@ -38,8 +38,13 @@ def _shell_lines(text: str) -> list[str]:
 @pytest.mark.parametrize("path", [p for p in DOCS if _blocks(p, "python")], ids=lambda p: p.name)
 def test_python_snippets_run(path, tmp_path, monkeypatch):
     from certify_fx.bounds import registry
+    from certify_fx.certificates import CERTIFICATE_METHODS
+    from certify_fx.losses import LOSSES
+    from certify_fx.transforms.passes import PASSES
 
-    saved = [dict(t) for t in (registry.MODULE_RULES, registry.FUNCTION_RULES, registry.METHOD_RULES)]
+    tables = (registry.MODULE_RULES, registry.FUNCTION_RULES, registry.METHOD_RULES, PASSES, CERTIFICATE_METHODS,
+              LOSSES)
+    saved = [dict(t) for t in tables]
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs_{path.stem}"}
@@ -49,8 +54,8 @@ def test_python_snippets_run(path, tmp_path, monkeypatch):
                 exec(compile(code, f"{path.name} python block {i + 1}", "exec"), namespace)
             except Exception as exc:
                 pytest.fail(f"{path.name}, python block {i + 1} fails: {type(exc).__name__}: {exc}\n{code}")
-    finally:  # a snippet that registers a rule must not leak it into other tests
-        for table, before in zip((registry.MODULE_RULES, registry.FUNCTION_RULES, registry.METHOD_RULES), saved):
+    finally:  # a snippet that registers a rule, pass, method or loss must not leak it into other tests
+        for table, before in zip(tables, saved):
             table.clear()
             table.update(before)
 
