@@ -50,8 +50,8 @@ def _before_fine_tuning(recipe_path: Path, overrides: list[str]) -> dict:
     from torch.utils.data import DataLoader
 
     from certify_fx import bound, evaluate_certified
+    from certify_fx.recipe import recipe_dataset_info
     from certify_fx.train import build_model, build_split, load_recipe
-    from certify_fx.train.builders import recipe_dataset_info
 
     recipe = load_recipe(recipe_path, overrides)
     model = build_model(recipe).eval()

@@ -50,7 +50,8 @@ from . import models  # noqa: F401  (registers the certify-fx families with timm
 from .loading import LoadedModel, load_model
 from .losses import GloRo, bottom_logit, create_loss
 from .model_spec import ModelSpec
-from .transforms import Rewrite, convert, load_converted, save_converted
+from .model_record import ModelRecord, load_converted, save_converted
+from .transforms import Rewrite, convert
 from .weights import load_weights
 
 try:
@@ -72,6 +73,7 @@ __all__ = [
     "GloRo",
     "LoadedModel",
     "LipschitzBound",
+    "ModelRecord",
     "ModelSpec",
     "NodeBound",
     "NotLipschitzError",

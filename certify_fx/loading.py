@@ -23,18 +23,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from torch import nn
 from torch.utils.data import Dataset
 
 from .bounds.capture import configured_input_shape
-from .errors import CertifyFxError, CheckpointError, RecipeError
+from .data import dataset_info
+from .errors import CertifyFxError, RecipeError
+from .model_record import ModelRecord, read_converted, save_converted
 from .model_spec import ModelSpec
+from .recipe import Recipe, build_split, recipe_dataset_info, recipe_from_dict
 from .weights import CHECKPOINT_FORMAT, CONVERTED_FORMAT, load_weights, read_payload, save_payload
-
-if TYPE_CHECKING:
-    from .train.recipe import Recipe
 
 __all__ = ["EvaluationData", "LoadedModel", "export_model", "is_model_file", "load_model"]
 
@@ -60,7 +60,7 @@ class LoadedModel:
     spec: ModelSpec
     input_shape: tuple[int, ...] | None = None
     conversion: dict[str, Any] | None = None
-    recipe: "Recipe | None" = field(default=None, repr=False)
+    recipe: Recipe | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -78,10 +78,6 @@ class LoadedModel:
                 ``data``), or its inputs do not fit the model.
             DatasetNotFoundError: the files are missing (before anything slow happens).
         """
-        from .data import dataset_info
-        from .train.builders import build_split, recipe_dataset_info
-        from .train.recipe import Recipe
-
         if self.recipe is not None:
             recipe = self.recipe
         elif data is None:
@@ -103,7 +99,7 @@ class LoadedModel:
 class EvaluationData:
     """The test set a loaded model is evaluated on, and the recipe it comes from."""
 
-    recipe: "Recipe"
+    recipe: Recipe
     name: str
     input_shape: tuple[int, ...]
     dataset: Dataset
@@ -131,10 +127,6 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
         CertifyFxError: unreadable files, unknown models (with the closest names), weights that do
             not fit (naming the keys).
     """
-    from .train.builders import build_model, model_spec, recipe_dataset_info
-    from .train.recipe import recipe_from_dict
-    from .transforms.serialization import load_converted
-
     if is_model_file(source):
         if kwargs or weights:
             raise CertifyFxError(f"{source} is a file with its own model and weights; model kwargs and weights "
@@ -147,19 +139,14 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
         fmt = payload.get("format") if isinstance(payload, dict) else None
         if fmt == CHECKPOINT_FORMAT:
             recipe = recipe_from_dict(payload["recipe"])
-            model = build_model(recipe, source_weights=False, trust_source=trust_source)
-            try:
-                model.load_state_dict(payload["model"])
-            except RuntimeError as exc:
-                raise CheckpointError(f"{path}: the weights do not fit {recipe.model.name}: "
-                                      f"{str(exc).splitlines()[0]}") from None
-            conversion = getattr(model, "conversion", None)
-            return LoadedModel(model.eval(), "checkpoint", model_spec(recipe),
-                               recipe_dataset_info(recipe).input_shape, conversion, recipe)
+            record = ModelRecord.from_recipe(recipe)
+            model = record.load(payload["model"], trust_source, where=str(path))
+            return LoadedModel(model.eval(), "checkpoint", record.spec, record.input_shape,
+                               getattr(model, "conversion", None), recipe)
         if fmt == CONVERTED_FORMAT:
-            gm = load_converted(path, trust_source=trust_source)
-            return LoadedModel(gm.eval(), "converted", ModelSpec.from_dict(payload["source"]),
-                               tuple(gm.conversion["input_shape"]), gm.conversion)
+            record, state = read_converted(path)
+            model = record.load(state, trust_source, where=str(path))
+            return LoadedModel(model.eval(), "converted", record.spec, record.input_shape, model.conversion)
         raise CertifyFxError(f"{path} is not a certify-fx checkpoint or converted model; if it holds weights, "
                              f"name the model and give it as weights (CLI: MODEL --weights {path})")
     spec = ModelSpec.parse(str(source), kwargs)
@@ -176,8 +163,6 @@ def export_model(loaded: LoadedModel, path: str | Path) -> str:
     every command reads on its own; any other model as a plain ``state_dict``, to be given as
     ``--weights`` with its model name.
     """
-    from .transforms.serialization import save_converted
-
     if loaded.conversion is not None:
         save_converted(loaded.model, path, loaded.spec)
         return f"converted model ({loaded.name}); read it with: certify-fx bound {path}"

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
+from timm.models import _builder
 from torch import nn
 
 from .errors import CertifyFxError
@@ -32,7 +34,6 @@ SpecKind = Literal["timm", "module", "file"]
 
 def closest_model_names(name: str, limit: int = 5) -> list[str]:
     """timm model names (certify-fx families included) closest to ``name``, for error messages."""
-    import timm
 
     names = timm.list_models()
     close = difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
@@ -77,7 +78,6 @@ class ModelSpec:
                     raise CertifyFxError(f"model spec {text!r}: no such file: {path}")
                 return cls("file", str(path.resolve()), attr, kwargs)
             return cls("module", target, attr, kwargs)
-        import timm
 
         if not timm.is_model(text):
             close = closest_model_names(text)
@@ -112,7 +112,6 @@ class ModelSpec:
         """A timm name registered by certify-fx (those take ``img_size``, ``mean`` and ``std``)."""
         if self.kind != "timm":
             return False
-        import timm
 
         return timm.models.model_entrypoint(self.target).__module__.startswith("certify_fx")
 
@@ -127,7 +126,6 @@ class ModelSpec:
                 attribute, kwargs that do not fit, or something that is not an ``nn.Module``.
         """
         if self.kind == "timm":
-            import timm
 
             if not timm.is_model(self.target):
                 raise CertifyFxError(f"this timm has no model {self.target!r}")
@@ -184,8 +182,6 @@ class ModelSpec:
 def _timm_loading_options() -> frozenset[str]:
     """The keyword arguments timm's builders consume themselves (weights to load, files to read,
     configs to merge) rather than pass to the architecture, from timm's own signatures."""
-    import timm
-    from timm.models import _builder
 
     names = set()
     for fn, own in ((timm.create_model, {"model_name"}), (_builder.build_model_with_cfg, {"model_cls", "variant"})):

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError
@@ -100,7 +102,6 @@ def save_payload(state: dict[str, torch.Tensor], path: str | Path, records: dict
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, records: dict[str, Any] | None = None) -> Path:
     """Write ``tensors`` (and JSON-able ``records`` as metadata) to a ``.safetensors`` file, atomically."""
-    from safetensors.torch import save_file
 
     metadata = {_SAFETENSORS_KEY: json.dumps(records)} if records else None
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -112,7 +113,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, records
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors of a ``.safetensors`` file and the certify-fx records in its metadata (``{}``
     for a file another tool wrote)."""
-    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():

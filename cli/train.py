@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from certify_fx.errors import RecipeError
     from certify_fx.train import Trainer, TrainingInterrupted, history_table, load_checkpoint, load_recipe, recipe_from_dict
-    from certify_fx.train.recipe import apply_overrides
+    from certify_fx.recipe import apply_overrides
 
     if args.recipe is None and args.resume is None:
         raise RecipeError("give a RECIPE file, or --resume CHECKPOINT to continue a run")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from . import registry
 
@@ -320,7 +321,6 @@ def forward_hooks(module: nn.Module) -> list[str]:
 
 def check_hooks(model: nn.Module, gm: fx.GraphModule, fail: Callable[[fx.Node | None, str, str], None]) -> None:
     """Refuse forward hooks that tracing drops: global ones, the root module's, and leaf modules'."""
-    from torch.nn.modules import module as module_globals
 
     fix = "remove the hook (handle.remove()), or fold what it does into the module's forward"
     if getattr(module_globals, "_global_forward_hooks", None) or getattr(module_globals,

@@ -4,10 +4,8 @@
 >>> history = train(load_recipe("recipes/fashion_mnist.yaml", ["epochs=2"]))
 """
 
-from .builders import build_model, build_split
-from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistributedContext
-from .recipe import (
+from ..model_record import build_model
+from ..recipe import (
     BoundConfig,
     DataConfig,
     EpsConfig,
@@ -16,9 +14,12 @@ from .recipe import (
     OptimConfig,
     Recipe,
     apply_overrides,
+    build_split,
     load_recipe,
     recipe_from_dict,
 )
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistributedContext
 from .schedules import eps_schedule, linear_ramp
 from .interrupt import TrainingInterrupted
 from .run_dir import RunDir

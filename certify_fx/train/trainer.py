@@ -32,12 +32,12 @@ from ..certificates import evaluate_certified
 from ..errors import RecipeError, UnsupportedNodeError
 from ..files import atomic_write_text
 from ..losses import MARGIN_FREE_LOSSES, GloRo, create_loss, needs_features
+from ..model_record import build_model
 from ..progress import ProgressLike, progress_display
-from .builders import build_model, build_split, recipe_dataset_info
+from ..recipe import Recipe, build_split, recipe_dataset_info, recipe_from_dict
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_objects, all_reduce_sum, shard
 from .interrupt import StopRequest, TrainingInterrupted, leave_stops_to_the_trainer
-from .recipe import Recipe, recipe_from_dict
 from .run_dir import CHECKPOINT_NAME, LOG_NAME, RunDir, TensorBoardScalars
 from .sampling import EpochBatches, ResumableSampler, SeededSamples
 from .schedules import eps_schedule, linear_ramp

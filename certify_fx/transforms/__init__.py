@@ -1,7 +1,9 @@
 """torch.fx passes that rewrite models into tightly certifiable ones (one module per pass).
 
 Every pass is a function ``pass(gm, input_shape, **options) -> GraphModule`` that appends
-:class:`Rewrite` entries to ``gm.rewrite_log``. Exact passes (outputs unchanged): ``split_norm_act``,
+:class:`Rewrite` entries to ``gm.rewrite_log``, registered with
+:func:`~certify_fx.transforms.passes.conversion_pass` (options, order) and run by
+:func:`~certify_fx.transforms.passes.run_passes`. Exact passes (outputs unchanged): ``split_norm_act``,
 ``fold_batchnorm``, ``fold_linear_residuals``, ``fold_linear_chains``. Passes that change the
 function (and log it): ``replace_activations``, ``linearize_residual_branches``,
 ``attention_to_spatial_mlp``, ``remove_normalization``, ``replace_gates``, ``replace_max_pool``,
@@ -21,7 +23,6 @@ from .replace_activations import replace_activations
 from .replace_gates import replace_gates
 from .replace_max_pool import replace_max_pool
 from .rescale_layers import rescale_layers
-from .serialization import load_converted, rebuild_converted, save_converted
 from .split_norm_act import split_norm_act
 
 __all__ = [
@@ -36,14 +37,11 @@ __all__ = [
     "fold_linear_chains",
     "fold_linear_residuals",
     "linearize_residual_branches",
-    "load_converted",
-    "rebuild_converted",
     "remove_normalization",
     "replace_activations",
     "replace_gates",
     "replace_max_pool",
     "rescale_layers",
     "rewrite_log",
-    "save_converted",
     "split_norm_act",
 ]

@@ -1,7 +1,10 @@
-"""The training recipe: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+"""The recipe: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides, and the
+data it names.
 
-Every key is checked: an unknown key is an error naming the key and the allowed ones, so a typo
-never silently falls back to a default.
+A recipe says which model (source, weights, conversion), which data and how to train; the
+trainer runs it, and the loader reads it back from a checkpoint to rebuild the model and its test
+set. Every key is checked: an unknown key is an error naming the key and the allowed ones, so a
+typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from torch.utils.data import Dataset, Subset
 
-from ..errors import RecipeError, did_you_mean
+from .data import AUGMENTATIONS, DATASETS, DatasetInfo, build_dataset, dataset_info
+from .errors import RecipeError, did_you_mean
+from .losses import LOSSES, loss_options
+from .transforms.convert import CONVERT_OPTIONS, TARGETS
 
 __all__ = [
     "BoundConfig",
@@ -26,7 +33,9 @@ __all__ = [
     "OptimConfig",
     "Recipe",
     "apply_overrides",
+    "build_split",
     "load_recipe",
+    "recipe_dataset_info",
     "recipe_from_dict",
 ]
 
@@ -198,10 +207,6 @@ def recipe_from_dict(raw: dict) -> Recipe:
 
 
 def _validate(r: Recipe) -> None:
-    from ..data import AUGMENTATIONS, DATASETS
-    from ..losses import LOSSES, loss_options
-    from ..transforms.convert import CONVERT_OPTIONS, TARGETS
-
     checks = [
         (r.data.name in DATASETS, "data.name", r.data.name, list(DATASETS)),
         (r.loss.name in LOSSES, "loss.name", r.loss.name, list(LOSSES)),
@@ -288,3 +293,18 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if raw is not None and not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of keys, got {type(raw).__name__}")
     return recipe_from_dict(apply_overrides(raw or {}, overrides))
+
+
+def recipe_dataset_info(recipe: Recipe) -> DatasetInfo:
+    """Shape, classes and statistics of the recipe's dataset."""
+    synthetic = {k: v for k, v in recipe.data.synthetic.items() if k in ("num_classes", "in_chans", "img_size")}
+    return dataset_info(recipe.data.name, **synthetic)
+
+
+def build_split(recipe: Recipe, split: str, name: str | None = None) -> Dataset:
+    """The recipe's ``train`` or ``test`` split (``name`` overrides the dataset), subset if asked."""
+    d = recipe.data
+    synthetic = {"seed": recipe.seed, **d.synthetic}
+    dataset = build_dataset(name or d.name, split, d.root, d.augment, d.crop_padding, synthetic)
+    limit = d.train_subset if split == "train" else d.eval_subset
+    return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
