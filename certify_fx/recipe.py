@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Subset
 from .data import AUGMENTATIONS, DATASETS, DatasetInfo, build_dataset, dataset_info
 from .errors import RecipeError, did_you_mean
 from .losses import LOSSES, loss_options
+from .schedules import EPS_SCHEDULES, LR_SCHEDULES
 from .transforms.convert import CONVERT_OPTIONS, TARGETS
 
 __all__ = [
@@ -210,10 +211,8 @@ def _validate(r: Recipe) -> None:
     checks = [
         (r.data.name in DATASETS, "data.name", r.data.name, list(DATASETS)),
         (r.loss.name in LOSSES, "loss.name", r.loss.name, list(LOSSES)),
-        (r.eps.schedule in ("liresnet", "linear", "log", "fixed"), "eps.schedule", r.eps.schedule,
-         ["liresnet", "linear", "log", "fixed"]),
-        (r.optim.schedule in ("cosine", "constant", "multistep"), "optim.schedule", r.optim.schedule,
-         ["cosine", "constant", "multistep"]),
+        (r.eps.schedule in EPS_SCHEDULES, "eps.schedule", r.eps.schedule, list(EPS_SCHEDULES)),
+        (r.optim.schedule in LR_SCHEDULES, "optim.schedule", r.optim.schedule, list(LR_SCHEDULES)),
         (r.device in ("auto", "cpu", "cuda"), "device", r.device, ["auto", "cpu", "cuda"]),
         (r.model.convert in (*TARGETS, "none"), "model.convert", r.model.convert, [*TARGETS, "none"]),
     ]

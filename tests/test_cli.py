@@ -200,3 +200,19 @@ def test_every_cli_choice_list_is_the_library_table():
         assert choices == tuple(tables[option]), (command, option, choices)
     train_help = build_parser()._subparsers._group_actions[0].choices["train"].description
     assert all(name in train_help for name in LOSSES), "train --help lists every loss"
+
+
+def test_the_training_docs_list_every_choice_of_the_recipe_tables():
+    """docs/training.md spells out each recipe choice list as `a | b | c`: each must be the
+    library's table (a new loss or schedule cannot go undocumented)."""
+    import re
+
+    from certify_fx.losses import LOSSES
+    from certify_fx.schedules import EPS_SCHEDULES, LR_SCHEDULES
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    listed = {frozenset(s.strip() for s in m.split("|")) for m in re.findall(r"\(([\w ]+(?:\|[\w ]+)+)\)", text)}
+    for table in (LOSSES, EPS_SCHEDULES, LR_SCHEDULES):
+        assert frozenset(table) in listed, f"docs/training.md lists no ({' | '.join(table)})"

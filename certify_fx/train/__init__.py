@@ -20,7 +20,7 @@ from ..recipe import (
 )
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
-from .schedules import eps_schedule, linear_ramp
+from ..schedules import eps_schedule, linear_ramp
 from .interrupt import TrainingInterrupted
 from .run_dir import RunDir
 from .runs import RunSummary, find_runs

@@ -22,7 +22,6 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -35,12 +34,12 @@ from ..losses import MARGIN_FREE_LOSSES, GloRo, create_loss, needs_features
 from ..model_record import build_model
 from ..progress import ProgressLike, progress_display
 from ..recipe import Recipe, build_split, recipe_dataset_info, recipe_from_dict
+from ..schedules import eps_schedule, linear_ramp, lr_scheduler
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_objects, all_reduce_sum, shard
 from .interrupt import StopRequest, TrainingInterrupted, leave_stops_to_the_trainer
 from .run_dir import CHECKPOINT_NAME, LOG_NAME, RunDir, TensorBoardScalars
 from .sampling import EpochBatches, ResumableSampler, SeededSamples
-from .schedules import eps_schedule, linear_ramp
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "Trainer", "TrainingInterrupted", "train"]
 
@@ -155,15 +154,10 @@ class Trainer:
             self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
         except (ValueError, KeyError, AssertionError) as exc:
             raise RecipeError(f"recipe key 'optim.opt': cannot create optimizer {o.opt!r} with timm.optim ({exc})") from None
-        total, warmup = recipe.epochs * self.steps_per_epoch, round(o.warmup_epochs * self.steps_per_epoch)
-        common = dict(warmup_t=warmup, warmup_lr_init=o.warmup_lr, t_in_epochs=False)
-        if o.schedule == "cosine":
-            self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=o.min_lr, **common)
-        elif o.schedule == "multistep":
-            milestones = [round(e * self.steps_per_epoch) for e in o.decay_milestones]
-            self.scheduler = MultiStepLRScheduler(self.optimizer, decay_t=milestones, decay_rate=o.decay_rate, **common)
-        else:
-            self.scheduler = StepLRScheduler(self.optimizer, decay_t=total + 1, decay_rate=1.0, **common)
+        self.scheduler = lr_scheduler(o.schedule, self.optimizer, recipe.epochs * self.steps_per_epoch,
+                                      warmup_steps=round(o.warmup_epochs * self.steps_per_epoch),
+                                      warmup_lr=o.warmup_lr, min_lr=o.min_lr, decay_rate=o.decay_rate,
+                                      milestone_steps=[round(e * self.steps_per_epoch) for e in o.decay_milestones])
         self.ddp = (DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
                     if self.ctx.distributed else self.net)
 
