@@ -125,6 +125,15 @@ def _(r):
     return fns[form], _id()
 
 
+@op("against_a_broadcasting_constant", "activations.clamp activations.max_ activations.clamp_min shape.getitem")
+def _(r):
+    """A constant bound of a larger shape copies each input element: sqrt(copies) is part of the bound."""
+    form = r.choice(["clamp", "max", "clamp_min"])
+    fns = {"clamp": lambda x, m: torch.clamp(x[:, :1], min=m.lo), "max": lambda x, m: torch.max(x[:, :1], m.lo),
+           "clamp_min": lambda x, m: x[:, :1].clamp_min(m.lo)}
+    return fns[form], Const(lo=_randn(r, *SHAPE) * 0.3)
+
+
 @op("clamp_min_max", "activations.clamp_min activations.clamp_max")
 def _(r):
     return (lambda x, m: x.clamp_min(-0.5) + torch.clamp_max(x, 0.3)), _id()

@@ -160,3 +160,25 @@ def test_vit_raises_clear_error():
         cfx.bound(model, (3, 224, 224))
     message = str(info.value)
     assert "blocks.0.norm1" in message and "remove_normalization" in message
+
+
+@pytest.mark.parametrize("form", ["max", "clamp", "clamp_min", "maximum_method"])
+def test_a_constant_that_broadcasts_the_input_counts_the_copies(form):
+    """max(x, c) / clamp(x, c) with a constant c of a larger shape copies each element of x: the
+    bound must include sqrt(copies) (it did not, and came out sqrt(5) too small here)."""
+    ops = {"max": lambda x, c: torch.max(x, c), "clamp": lambda x, c: torch.clamp(x, min=c),
+           "clamp_min": lambda x, c: x.clamp_min(c), "maximum_method": lambda x, c: x.max(c)}
+
+    class Copies(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.full((5,), -100.0))
+            self.fc = nn.Linear(5, 2, bias=False)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.tensor([[1.0] * 5, [-1.0] * 5]))
+
+        def forward(self, x):  # (N, 1) -> (N, 5): f0 - f1 = 10 x
+            return self.fc(ops[form](x, self.c))
+
+    margin = cfx.bound(Copies().eval(), (1,), estimate_steps=0).margin
+    assert 10.0 <= margin[0, 1].item() <= 10.0 * (1 + 1e-5)

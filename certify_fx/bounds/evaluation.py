@@ -90,10 +90,14 @@ class Evaluator(fx.Interpreter):
         return Tracked(op.out_shape, {s: compose(op, a) for s, a in value.form.items()})
 
     def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
-                  part: int | None = None) -> Tracked:
+                  part: int | None = None, counts_copies: bool = False) -> Tracked:
         """A map with Lipschitz constant ``constant``: the result (the node's output, or its tuple
         element ``part``) becomes a new source. ``constant`` is a number (exact), or a
-        :class:`Lipschitz` derived from :meth:`operator_norm` (proven bound and estimate)."""
+        :class:`Lipschitz` derived from :meth:`operator_norm` (proven bound and estimate).
+
+        A result with more values than ``value`` is refused (an elementwise constant does not
+        cover copies of an input element; copy linearly first, e.g. with ``broadcast``) unless the
+        rule says its ``constant`` ``counts_copies`` (overlapping or padded max-pooling)."""
         if not isinstance(value, Tracked):
             self.fail(f"expected an input-dependent tensor, got {type(value).__name__}")
         if not isinstance(constant, Lipschitz):
@@ -102,6 +106,11 @@ class Evaluator(fx.Interpreter):
                 self.fail(f"the Lipschitz constant {exact} is not a finite number >= 0")
             constant = Lipschitz(exact, exact, True, "exact")
         node = self.node
+        shape = self.shape(part=part)
+        if math.prod(shape) > math.prod(value.shape) and not counts_copies:  # fail closed: a rule must copy its input linearly first
+            self.fail(f"the result ({math.prod(shape)} values per example) is larger than the input it is a "
+                      f"nonlinear function of ({math.prod(value.shape)}): copies of an input element are not covered "
+                      "by an elementwise constant")
         inner = self.lipschitz_of(value, value.origin or f"{node.name}.in")
         source = node.name
         while source in self.lipschitz:
@@ -111,7 +120,6 @@ class Evaluator(fx.Interpreter):
         self.rows.append(NodeBound(node.name, what or describe_node(node, self.module), "activation", constant.bound,
                                    _float(constant.estimate), lip.bound, _float(lip.estimate), constant.method,
                                    lip.sound))
-        shape = self.shape(part=part)
         return Tracked(shape, {source: Identity(shape)}, origin=source)
 
     def operator_norm(self, op: LinearOperator) -> Lipschitz:

@@ -18,7 +18,7 @@ from ... import timm_layers
 from .. import constants as C
 from ..registry import register_module_rule, register_rule
 from ..values import Refused, TupleResult
-from .common import feature_dim, feature_dims, number
+from .common import broadcast, feature_dim, feature_dims, number
 
 #: Softplus switches to the identity above ``threshold``; below this the jump is not negligible.
 SOFTPLUS_MIN_THRESHOLD = 20.0
@@ -92,20 +92,27 @@ def softplus(ev, input, beta=1.0, threshold=20.0):
     return ev.nonlinear(input, _check_softplus(ev, beta, threshold))
 
 
+def _against_constant(ev, input):
+    """An elementwise 1-Lipschitz op of ``input`` and a constant (``clamp(x, lo, hi)``,
+    ``max(x, c)``): the constant may broadcast ``input`` to a larger shape, and each copy of an
+    input element then moves with it, so the copying (norm ``sqrt(copies)``) is applied first."""
+    return ev.nonlinear(broadcast(ev, input, ev.shape()), 1.0)
+
+
 @register_rule(torch.clamp, torch.clip, "clamp", "clip")
 def clamp(ev, input, min=None, max=None):
     # a constant bound (number or tensor) keeps clamp 1-Lipschitz in its input
-    return ev.nonlinear(input, 1.0)
+    return _against_constant(ev, input)
 
 
 @register_rule("clamp_min", torch.clamp_min)
 def clamp_min(ev, input, min):
-    return ev.nonlinear(input, 1.0)
+    return _against_constant(ev, input)
 
 
 @register_rule("clamp_max", torch.clamp_max)
 def clamp_max(ev, input, max):
-    return ev.nonlinear(input, 1.0)
+    return _against_constant(ev, input)
 
 
 @register_rule(F.softmax, F.softmin)
@@ -183,7 +190,7 @@ def _indices(op: str) -> Refused:
 @register_rule(torch.max, "max", torch.min, "min")
 def max_(ev, input, dim=None, keepdim=False):
     if isinstance(dim, torch.Tensor):  # max(input, other) with a constant other: elementwise, 1-Lipschitz
-        return ev.nonlinear(input, 1.0)
+        return _against_constant(ev, input)
     if dim is None:
         ev.fail("max/min over every dimension mixes the examples of a batch", "pass dim=")
     feature_dim(ev, dim, len(input.shape) + 1, "max/min")
