@@ -90,14 +90,15 @@ class Evaluator(fx.Interpreter):
         return Tracked(op.out_shape, {s: compose(op, a) for s, a in value.form.items()})
 
     def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
-                  part: int | None = None, counts_copies: bool = False) -> Tracked:
+                  part: int | None = None, whole_map: bool = False) -> Tracked:
         """A map with Lipschitz constant ``constant``: the result (the node's output, or its tuple
         element ``part``) becomes a new source. ``constant`` is a number (exact), or a
         :class:`Lipschitz` derived from :meth:`operator_norm` (proven bound and estimate).
 
         A result with more values than ``value`` is refused (an elementwise constant does not
         cover copies of an input element; copy linearly first, e.g. with ``broadcast``) unless the
-        rule says its ``constant`` ``counts_copies`` (overlapping or padded max-pooling)."""
+        rule's ``constant`` bounds the ``whole_map`` from ``value`` to the result, copies and
+        embeddings included (overlapping or padded max-pooling, SOC's channel padding)."""
         if not isinstance(value, Tracked):
             self.fail(f"expected an input-dependent tensor, got {type(value).__name__}")
         if not isinstance(constant, Lipschitz):
@@ -107,7 +108,7 @@ class Evaluator(fx.Interpreter):
             constant = Lipschitz(exact, exact, True, "exact")
         node = self.node
         shape = self.shape(part=part)
-        if math.prod(shape) > math.prod(value.shape) and not counts_copies:  # fail closed: a rule must copy its input linearly first
+        if math.prod(shape) > math.prod(value.shape) and not whole_map:  # fail closed: copy linearly first
             self.fail(f"the result ({math.prod(shape)} values per example) is larger than the input it is a "
                       f"nonlinear function of ({math.prod(value.shape)}): copies of an input element are not covered "
                       "by an elementwise constant")

@@ -35,7 +35,8 @@ def soc_module(ev, module, input):
     constant = Lipschitz(truncated_exp_norm_bound(norm_a.bound, terms) * (1 + SAFETY),
                          truncated_exp_norm_bound(estimate, terms) if math.isfinite(estimate) else math.nan,
                          norm_a.sound, norm_a.method)
-    return ev.nonlinear(input, constant, what=f"SOC p_{terms}(A), ||A|| <= {norm_a.bound:.4g}")
+    # the zero channel padding and space-to-depth around p(A) are isometries: the constant bounds the whole map
+    return ev.nonlinear(input, constant, what=f"SOC p_{terms}(A), ||A|| <= {norm_a.bound:.4g}", whole_map=True)
 
 
 @register_module_rule(cnn.ProjectionPool2d)

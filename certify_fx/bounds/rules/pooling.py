@@ -35,7 +35,7 @@ def _max_pool(ev, x, kernel_size, stride, padding, dilation, return_indices):
     constant = C.max_pool_constant(in_hw, out_hw, kernel_size, stride, padding, dilation)
     part = 0 if return_indices else None
     y = ev.nonlinear(x, constant, f"max_pool k{kernel_size} s{stride} (x{constant:.3g})", part=part,
-                     counts_copies=True)  # the constant is sqrt(the most windows one input is in)
+                     whole_map=True)  # the constant is sqrt(the most windows one input is in)
     return TupleResult((y, _INDICES), ("values", "indices")) if return_indices else y
 
 
@@ -60,7 +60,7 @@ def _adaptive_max_pool(ev, x, return_indices):
     part = 0 if return_indices else None
     _check_spatial(ev, x, "adaptive max pooling")
     in_hw, out_hw = x.shape[-2:], ev.shape(part=part)[-2:]
-    y = ev.nonlinear(x, C.adaptive_max_pool_constant(in_hw, out_hw), part=part, counts_copies=True)
+    y = ev.nonlinear(x, C.adaptive_max_pool_constant(in_hw, out_hw), part=part, whole_map=True)
     return TupleResult((y, _INDICES), ("values", "indices")) if return_indices else y
 
 
