@@ -112,7 +112,7 @@ def is_model_file(source: str | Path) -> bool:
 
 
 def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weights: str | Path | None = None,
-               trust_source: bool = False) -> LoadedModel:
+               weights_key: str | None = None, trust_source: bool = False) -> LoadedModel:
     """Load a training checkpoint, a converted model, or build a model spec (see the module doc).
 
     Args:
@@ -120,6 +120,8 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
             ``./net.py:Net``).
         kwargs: keyword arguments for a spec (e.g. ``{"num_classes": 10, "in_chans": 1}``).
         weights: weights to load into a spec's model, strictly.
+        weights_key: the entry or name prefix of ``weights`` that holds the model's weights
+            (:func:`certify_fx.load_weights`), for files that hold more than one model.
         trust_source: allow rebuilding a model whose recorded source is Python code. A spec given
             as ``source`` is code the caller named, and is always built.
 
@@ -152,7 +154,9 @@ def load_model(source: str | Path, *, kwargs: dict[str, Any] | None = None, weig
     spec = ModelSpec.parse(str(source), kwargs)
     model = spec.build(trust_source=True)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, weights_key)
+    elif weights_key is not None:
+        raise CertifyFxError("a weights key needs a weights file (CLI: --weights FILE --weights-key KEY)")
     return LoadedModel(model.eval(), "spec", spec, configured_input_shape(model))
 
 

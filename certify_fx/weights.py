@@ -64,9 +64,41 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"({type(exc).__name__}: {detail})") from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights held by ``path``, whatever certify-fx or common training script wrote it."""
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                        for k, v in obj.items())
+
+
+def _under_key(payload: Any, key: str, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict ``payload`` holds under ``key``: an entry (``{"backbone": {...}}``, nested
+    entries as ``a/b``), or the parameters whose names start with ``key.`` (prefix removed)."""
+    found = payload
+    for part in key.split("/"):
+        found = found.get(part) if isinstance(found, dict) else None
+    if _is_state_dict(found):
+        return found
+    try:
+        flat = read_state_dict_from(payload, path)
+    except CheckpointError:  # no single state_dict in the file: only entries can match
+        flat = {}
+    prefixed = {k[len(key) + 1:]: v for k, v in flat.items() if k.startswith(key + ".")}
+    if prefixed:
+        return prefixed
+    entries = sorted(k for k, v in payload.items() if isinstance(v, dict)) if isinstance(payload, dict) else []
+    prefixes = sorted({k.split(".", 1)[0] for k in flat if "." in k})
+    raise CheckpointError(f"{path} has no weights under {key!r}; its entries holding mappings: "
+                          f"{', '.join(entries) or 'none'}; parameter name prefixes: {', '.join(prefixes[:12]) or 'none'}")
+
+
+def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """The model weights held by ``path``, whatever certify-fx or common training script wrote it;
+    with ``key``, those under that entry or name prefix (see :func:`load_weights`)."""
     payload = read_payload(path)
+    return _under_key(payload, key, path) if key else read_state_dict_from(payload, path)
+
+
+def read_state_dict_from(payload: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a payload :func:`read_payload` returned (``path`` names it in errors)."""
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         return payload["model"]
     if isinstance(payload, dict) and payload.get("format") == CONVERTED_FORMAT:
@@ -76,7 +108,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if isinstance(payload.get(key), dict):
                 payload = payload[key]
                 break
-        if payload and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+        if _is_state_dict(payload):
             return payload
     raise CheckpointError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
 
@@ -130,16 +162,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, records if isinstance(records, dict) else {}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> nn.Module:
     """Load the weights in ``path`` into ``model`` strictly (returns ``model``).
 
     A ``module.`` prefix (DataParallel/DDP) is removed. Shapes and key sets must match exactly.
+    ``key`` picks weights saved beside others: an entry of the file (``"backbone"``, as the
+    LiResNet code saves it; ``"a/b"`` for a nested one) or a parameter-name prefix (``"model"``
+    for ``model.conv.weight``, ...), which is removed.
 
     Raises:
         CheckpointError: unreadable file, or weights that do not fit, naming missing, unexpected
             and mis-shaped keys.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, key)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     own = model.state_dict()

@@ -43,6 +43,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "options (pretrained, checkpoint_path, pretrained_cfg, ...) are refused: use --weights")
     g.add_argument("--weights", "--checkpoint", "--pretrained-file", dest="weights", default=None, metavar="FILE",
                    help="load these weights strictly: a state_dict .pt/.pth, .safetensors or a certify-fx file")
+    g.add_argument("--weights-key", default=None, metavar="KEY",
+                   help="the entry of the weights file that holds the model (e.g. backbone; a/b for a nested one), "
+                        "or a parameter-name prefix to strip (e.g. model for model.conv.weight)")
     g.add_argument("--trust-source", action="store_true",
                    help="allow a checkpoint or converted file made from Python code to import that code")
 
@@ -56,7 +59,8 @@ def load_from_args(args: argparse.Namespace):
         kwargs["num_classes"] = args.num_classes
     if args.in_chans is not None:
         kwargs["in_chans"] = args.in_chans
-    return load_model(args.model, kwargs=kwargs, weights=args.weights, trust_source=args.trust_source)
+    return load_model(args.model, kwargs=kwargs, weights=args.weights, weights_key=args.weights_key,
+                      trust_source=args.trust_source)
 
 
 def eps_list_argument(text: str) -> list[float]:
