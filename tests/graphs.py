@@ -134,6 +134,23 @@ def _(r):
     return fns[form], Const(lo=_randn(r, *SHAPE) * 0.3)
 
 
+@op("elementwise_max_min", "activations.max_ activations.maximum shape.getitem shape.cat")
+def _(r):
+    """MinMax as research code writes it: max and min of two halves (the same slices computed
+    again, or swapped), a lone max, and max/min of two different tensors of one source."""
+    form = r.choice(["max_min", "maximum_swapped", "method", "lone_max", "two_branches", "broadcast"])
+    fns = {
+        "max_min": lambda x, m: torch.cat([torch.max(x[:, :2], x[:, 2:]), torch.min(x[:, :2], x[:, 2:])], 1),
+        "maximum_swapped": lambda x, m: torch.cat([torch.maximum(x[:, 2:], x[:, :2]),
+                                                   torch.minimum(x[:, :2], x[:, 2:])], 1),
+        "method": lambda x, m: torch.cat([x[:, 1::2].max(x[:, ::2]), x[:, 1::2].min(x[:, ::2])], 1),
+        "lone_max": lambda x, m: torch.max(x, x.flip(1) * 0.5 + m.c),
+        "two_branches": lambda x, m: torch.cat([torch.max(x[:, :2], -x[:, 2:]), torch.min(x[:, :2], x[:, 2:])], 1),
+        "broadcast": lambda x, m: torch.maximum(x[:, :1], x) + torch.minimum(x, x[:, :1]),
+    }
+    return fns[form], Const(c=_randn(r, *SHAPE) * 0.3)
+
+
 @op("clamp_min_max", "activations.clamp_min activations.clamp_max")
 def _(r):
     return (lambda x, m: x.clamp_min(-0.5) + torch.clamp_max(x, 0.3)), _id()

@@ -182,3 +182,42 @@ def test_a_constant_that_broadcasts_the_input_counts_the_copies(form):
 
     margin = cfx.bound(Copies().eval(), (1,), estimate_steps=0).margin
     assert 10.0 <= margin[0, 1].item() <= 10.0 * (1 + 1e-5)
+
+
+MAXMIN_FORMS = {
+    "max_min": lambda x: torch.cat([torch.max(x[:, :4], x[:, 4:]), torch.min(x[:, :4], x[:, 4:])], 1),
+    "maximum_swapped": lambda x: torch.cat([torch.maximum(x[:, :4], x[:, 4:]), torch.minimum(x[:, 4:], x[:, :4])], 1),
+    "method": lambda x: torch.cat([x[:, :4].max(x[:, 4:]), x[:, :4].min(x[:, 4:])], 1),
+}
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16, 3)
+        self.act = act
+
+    def forward(self, x):
+        return self.fc(self.act(self.c2(self.act(self.c1(x)))).flatten(1))
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("form", list(MAXMIN_FORMS))
+def test_minmax_written_with_max_and_min_is_bounded_as_minmax(form):
+    """orthogonium-style MaxMin (max and min of two halves, the halves sliced again for each):
+    the pair is one sort, so the bound equals MinMax's; a lone max pays for both halves."""
+    reference = cfx.bound(_TwoConvs(MinMax(dim=1)).eval(), (1, 4, 4), estimate_steps=0).max_margin
+    written = cfx.bound(_TwoConvs(_Fn(MAXMIN_FORMS[form])).eval(), (1, 4, 4), estimate_steps=0).max_margin
+    assert written == pytest.approx(reference, rel=1e-12)
+    lone = _Fn(lambda x: torch.cat([torch.max(x[:, :4], x[:, 4:])] * 2, 1))
+    assert cfx.bound(_TwoConvs(lone).eval(), (1, 4, 4), estimate_steps=0).max_margin > reference * 1.01

@@ -38,7 +38,11 @@ class CertifyTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost module whose forward failed
-                self.failed_in = (self.path_of_module(m), m)
+                try:
+                    path = self.path_of_module(m)
+                except NameError:  # a module built inside forward: it has no path in the model
+                    path = f"<{type(m).__name__} created in forward>"
+                self.failed_in = (path, m)
             raise
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

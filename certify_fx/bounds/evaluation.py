@@ -59,6 +59,7 @@ class Evaluator(fx.Interpreter):
         self.shapes = recording.shapes
         self._norm, self._margin = norm, margin
         self.lipschitz: dict[str, Lipschitz] = {}
+        self.shared: dict[Any, Any] = {}  # what rules share between the nodes of this evaluation
         self.rows: list[NodeBound] = []
         self.node: fx.Node | None = None
         self.output_margin: tuple | None = None
@@ -90,7 +91,7 @@ class Evaluator(fx.Interpreter):
         return Tracked(op.out_shape, {s: compose(op, a) for s, a in value.form.items()})
 
     def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
-                  part: int | None = None, whole_map: bool = False) -> Tracked:
+                  part: int | None = None, whole_map: bool = False, shape: Shape | None = None) -> Tracked:
         """A map with Lipschitz constant ``constant``: the result (the node's output, or its tuple
         element ``part``) becomes a new source. ``constant`` is a number (exact), or a
         :class:`Lipschitz` derived from :meth:`operator_norm` (proven bound and estimate).
@@ -98,7 +99,9 @@ class Evaluator(fx.Interpreter):
         A result with more values than ``value`` is refused (an elementwise constant does not
         cover copies of an input element; copy linearly first, e.g. with ``broadcast``) unless the
         rule's ``constant`` bounds the ``whole_map`` from ``value`` to the result, copies and
-        embeddings included (overlapping or padded max-pooling, SOC's channel padding)."""
+        embeddings included (overlapping or padded max-pooling, SOC's channel padding). ``shape``
+        gives the result another shape than the node's (an intermediate value the rule then maps
+        linearly, e.g. the sorted pair behind ``max(a, b)`` and ``min(a, b)``)."""
         if not isinstance(value, Tracked):
             self.fail(f"expected an input-dependent tensor, got {type(value).__name__}")
         if not isinstance(constant, Lipschitz):
@@ -107,7 +110,7 @@ class Evaluator(fx.Interpreter):
                 self.fail(f"the Lipschitz constant {exact} is not a finite number >= 0")
             constant = Lipschitz(exact, exact, True, "exact")
         node = self.node
-        shape = self.shape(part=part)
+        shape = tuple(shape) if shape is not None else self.shape(part=part)
         if math.prod(shape) > math.prod(value.shape) and not whole_map:  # fail closed: copy linearly first
             self.fail(f"the result ({math.prod(shape)} values per example) is larger than the input it is a "
                       f"nonlinear function of ({math.prod(value.shape)}): copies of an input element are not covered "
@@ -122,6 +125,28 @@ class Evaluator(fx.Interpreter):
                                    _float(constant.estimate), lip.bound, _float(lip.estimate), constant.method,
                                    lip.sound))
         return Tracked(shape, {source: Identity(shape)}, origin=source)
+
+    def value_key(self, arg: Any) -> Any:
+        """A key that two arguments share exactly when they are computed by the same ops from the
+        same inputs, parameters and constants (value numbering over the graph). The forward is a
+        pure function (checked before bounding), so equal keys mean equal values."""
+        if isinstance(arg, fx.Node):
+            keys = self.shared.setdefault("value keys", {})
+            if arg not in keys:
+                if arg.op in ("placeholder", "get_attr"):
+                    keys[arg] = (arg.op, arg.target)
+                else:
+                    keys[arg] = (arg.op, arg.target, self.value_key(arg.args), self.value_key(arg.kwargs))
+            return keys[arg]
+        if isinstance(arg, (tuple, list)):
+            return (type(arg).__name__, *(self.value_key(a) for a in arg))
+        if isinstance(arg, dict):
+            return ("dict", *sorted((k, self.value_key(v)) for k, v in arg.items()))
+        if isinstance(arg, slice):
+            return ("slice", self.value_key(arg.start), self.value_key(arg.stop), self.value_key(arg.step))
+        if isinstance(arg, torch.Tensor):
+            return ("tensor", id(arg))  # a constant the graph holds: the same object is the same value
+        return (type(arg).__name__, arg)
 
     def operator_norm(self, op: LinearOperator) -> Lipschitz:
         """The norm of ``op`` as the compiler bounds every linear map: proven (materialised when

@@ -69,6 +69,7 @@ class RuleContext(Protocol):
 
     node: fx.Node  #: the node being bounded
     dtype: torch.dtype  #: the model's parameter dtype (for constants a rule builds)
+    shared: dict  #: what rules share between nodes of one evaluation (the sorted pair of max/min)
 
     def shape(self, node: fx.Node | None = None, part: int | None = None) -> Shape:
         """The node's output shape without the batch dim (``part``: one tensor of a tuple result)."""
@@ -80,13 +81,17 @@ class RuleContext(Protocol):
         """``op`` applied to ``value`` (folded with what came before)."""
 
     def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
-                  part: int | None = None) -> Tracked:
+                  part: int | None = None, whole_map: bool = False, shape: Shape | None = None) -> Tracked:
         """A map with global Lipschitz constant ``constant`` (a number, or a :class:`Lipschitz`
-        derived from :meth:`operator_norm`) applied to ``value``."""
+        derived from :meth:`operator_norm`) applied to ``value``; its result has the node's shape
+        (or ``shape``, for an intermediate value the rule then maps linearly)."""
 
     def operator_norm(self, op: LinearOperator) -> Lipschitz:
         """The norm of a linear operator, proven (or estimated while training) as the compiler
         bounds every linear map."""
+
+    def value_key(self, arg: Any) -> Any:
+        """Equal for two node arguments exactly when they compute the same value the same way."""
 
     def apply_module(self, module: nn.Module, value: Tracked) -> Tracked:
         """``module``'s own rule applied to ``value`` (modules nested in a leaf)."""

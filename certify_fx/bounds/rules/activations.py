@@ -16,9 +16,11 @@ from torch import nn
 from ... import nn as cnn
 from ... import timm_layers
 from .. import constants as C
+from ..operators import Reshape, Select
 from ..registry import register_module_rule, register_rule
-from ..values import Refused, TupleResult
+from ..values import Refused, Tracked, TupleResult
 from .common import broadcast, feature_dim, feature_dims, number
+from .shape import concat_values
 
 #: Softplus switches to the identity above ``threshold``; below this the jump is not negligible.
 SOFTPLUS_MIN_THRESHOLD = 20.0
@@ -187,10 +189,54 @@ def _indices(op: str) -> Refused:
                    "use only the values (e.g. `x.max(dim).values`)")
 
 
-@register_rule(torch.max, "max", torch.min, "min")
+#: the ops that keep the larger element of a pair (the others keep the smaller)
+_LARGER = (torch.max, "max", torch.maximum, "maximum")
+
+
+def _elementwise_pair(ev, a, b, nodes: tuple):
+    """``max(a, b)`` / ``min(a, b)``, elementwise.
+
+    With one side constant, it is 1-Lipschitz in the other (:func:`_against_constant`). With both
+    input-dependent, each element pair ``(a_i, b_i)`` is sorted: ``(a, b) -> (max, min)`` is
+    1-Lipschitz in l2 (GroupSort of size 2), so it becomes one source, the sorted pair, bounded by
+    the Lipschitz constant of ``(a, b)`` stacked; ``max`` and ``min`` are its two halves. The
+    ``min`` of the same two tensors (computed the same way: :meth:`value_key`, so ``x[:, :c]``
+    written twice counts as one) reuses that source, so a MinMax written as ``cat([max(a, b),
+    min(a, b)])`` (orthogonium's MaxMin, however it is spelled) is bounded as exactly as MinMax.
+    ``nodes`` are the graph arguments ``a`` and ``b`` came from.
+    """
+    if not isinstance(a, Tracked):
+        a, b = b, a
+    if not isinstance(b, Tracked):
+        return _against_constant(ev, a)
+    out = ev.shape()
+    pair_shape = (2, *out)
+    key = ("sorted pair", frozenset(ev.value_key(n) for n in nodes), pair_shape)  # min(b, a) is the same pair
+    pair = ev.shared.get(key)
+    if pair is None:
+        halves = [ev.linear(broadcast(ev, t, out), Reshape(out, (1, *out))) for t in (a, b)]
+        joint = concat_values(ev, halves, 1, pair_shape)  # dim 1 counts the batch: the new leading dim
+        pair = ev.shared[key] = ev.nonlinear(joint, 1.0, "sort of each pair (max, min)", shape=pair_shape)
+    return ev.linear(pair, Select(pair_shape, out, (0 if ev.node.target in _LARGER else 1,)))
+
+
+def _pair_nodes(ev, other_name: str) -> tuple:
+    """The graph arguments of an elementwise ``max``/``min`` call: ``input`` and ``other``."""
+    args, kwargs = ev.node.args, ev.node.kwargs
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get(other_name)
+    return first, second
+
+
+@register_rule(torch.maximum, "maximum", torch.minimum, "minimum", inputs=("input", "other"))
+def maximum(ev, input, other):
+    return _elementwise_pair(ev, input, other, _pair_nodes(ev, "other"))
+
+
+@register_rule(torch.max, "max", torch.min, "min", inputs=("input", "dim"))
 def max_(ev, input, dim=None, keepdim=False):
-    if isinstance(dim, torch.Tensor):  # max(input, other) with a constant other: elementwise, 1-Lipschitz
-        return _against_constant(ev, input)
+    if isinstance(dim, (torch.Tensor, Tracked)) or isinstance(input, torch.Tensor):  # max(input, other)
+        return _elementwise_pair(ev, input, dim, _pair_nodes(ev, "dim"))
     if dim is None:
         ev.fail("max/min over every dimension mixes the examples of a batch", "pass dim=")
     feature_dim(ev, dim, len(input.shape) + 1, "max/min")

@@ -207,7 +207,8 @@ def unbind(ev, input, dim=0):
                        for i in range(input.shape[d]))
 
 
-def _concat(ev, tensors, dim, out_shape) -> Tracked:
+def concat_values(ev, tensors, dim, out_shape) -> Tracked:
+    """``tensors`` (input-dependent or constant) concatenated along ``dim`` (counting the batch dim)."""
     for t in tensors:
         if isinstance(t, Refused):
             ev.fail(t.reason, t.fix)
@@ -224,12 +225,12 @@ def _concat(ev, tensors, dim, out_shape) -> Tracked:
 
 @register_rule(torch.cat, torch.concat, inputs=("tensors",))
 def cat(ev, tensors, dim=0):
-    return _concat(ev, list(tensors), dim, ev.shape())
+    return concat_values(ev, list(tensors), dim, ev.shape())
 
 
 @register_rule(torch.concatenate, inputs=("tensors",))
 def concatenate(ev, tensors, axis=0):
-    return _concat(ev, list(tensors), axis, ev.shape())
+    return concat_values(ev, list(tensors), axis, ev.shape())
 
 
 @register_rule(torch.stack, inputs=("tensors",))
@@ -243,7 +244,7 @@ def stack(ev, tensors, dim=0):
         elif isinstance(t, torch.Tensor):
             t = t.unsqueeze(d + 1)
         unsqueezed.append(t)
-    return _concat(ev, unsqueezed, d + 1, out)
+    return concat_values(ev, unsqueezed, d + 1, out)
 
 
 @register_rule("expand", may_alias=True, sizes=("sizes",))
