@@ -311,10 +311,12 @@ class Trainer:
 
     def _until_stopped(self, batches: Iterator) -> Iterator:
         """``batches``, ending early when a stop signal has also ended the data-loader workers
-        (SIGTERM sent to the whole process group, as a batch scheduler does)."""
+        (SIGTERM sent to the whole process group, as a batch scheduler does). A worker that dies
+        shows as a RuntimeError, or, when it dies while sending a batch, as a reset connection or
+        an end of file on its queue."""
         try:
             yield from batches
-        except RuntimeError:
+        except (RuntimeError, ConnectionError, EOFError):
             if self.stop.signal_name is None or self.ctx.distributed:
                 raise
 
