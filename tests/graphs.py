@@ -151,6 +151,20 @@ def _(r):
     return fns[form], Const(c=_randn(r, *SHAPE) * 0.3)
 
 
+@op("where_max_min", "activations.where activations.comparison shape.getitem shape.cat")
+def _(r):
+    """max and min written with where (LiResNet's MinMax), any comparison and order, and relu."""
+    form = r.choice(["gt", "lt_ge", "relu"])
+    fns = {
+        "gt": lambda x, m: torch.cat([torch.where(x[:, :2] > x[:, 2:], x[:, :2], x[:, 2:]),
+                                      torch.where(x[:, :2] > x[:, 2:], x[:, 2:], x[:, :2])], 1),
+        "lt_ge": lambda x, m: torch.cat([torch.where(x[:, :2] < x[:, 2:], x[:, 2:], x[:, :2]),
+                                         torch.where(x[:, 2:] >= x[:, :2], x[:, :2], x[:, 2:])], 1),
+        "relu": lambda x, m: torch.where(x > 0, x, 0),
+    }
+    return fns[form], _id()
+
+
 @op("clamp_min_max", "activations.clamp_min activations.clamp_max")
 def _(r):
     return (lambda x, m: x.clamp_min(-0.5) + torch.clamp_max(x, 0.3)), _id()
@@ -749,6 +763,8 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
     ("mean_all", lambda: _Single(lambda x, m: x - x.mean()), "pooling.reduce"),
     ("amax_all", lambda: _Single(lambda x, m: x - torch.amax(x)), "activations.amax"),
     ("max_all", lambda: _Single(lambda x, m: x - x.max()), "activations.max_"),
+    ("where_other_branch", lambda: _Single(lambda x, m: torch.where(x > 0, x, -x)), "activations.where"),
+    ("comparison_read", lambda: _Single(lambda x, m: x * (x > 0)), "activations.comparison"),
     ("max_indices", lambda: _Single(lambda x, m: x + x.max(1, keepdim=True)[1].float()), "shape.getitem"),
     ("sort_indices", lambda: _Single(lambda x, m: x.sort(1).indices.float()), "shape.getattr_"),
     ("pool_indices", lambda: _Single(lambda x, m: F.max_pool2d(x, 3, 1, 1, return_indices=True)[1].float()),

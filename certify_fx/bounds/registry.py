@@ -109,6 +109,7 @@ class Rule:
     shape_only: frozenset[str] = frozenset()
     sizes: frozenset[str] = frozenset()
     kind: str | None = None
+    patterns: frozenset[str] = frozenset()
 
     def shape_only_positions(self) -> frozenset:
         """Positions and keywords of the call whose input dependence is through their shape only."""
@@ -148,34 +149,39 @@ INPLACE_OPERATORS: dict[Any, Any] = {
 
 
 def _make(fn: Callable, inputs: tuple[str, ...], is_module: bool, may_alias: bool,
-          shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = (), kind: str | None = None) -> Rule:
+          shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = (), kind: str | None = None,
+          patterns: tuple[str, ...] = ()) -> Rule:
     signature = inspect.signature(fn)
     params = list(signature.parameters.values())
     fixed = 2 if is_module else 1
     if any(p.kind is p.VAR_KEYWORD for p in params):
         raise TypeError(f"rule {fn.__name__} takes **kwargs; name every argument it accounts for")
     names = {p.name for p in params[fixed:]}
-    missing = (set(inputs) | set(shape_only) | set(sizes)) - names
+    missing = (set(inputs) | set(shape_only) | set(sizes) | set(patterns)) - names
     if missing:
         raise TypeError(f"rule {fn.__name__} declares inputs {sorted(missing)} that are not parameters")
     if kind is not None and kind not in KINDS:
         raise TypeError(f"rule {fn.__name__}: kind {kind!r} is not one of {sorted(KINDS)}")
     return Rule(fn, frozenset(inputs), is_module, may_alias, signature, frozenset(shape_only), frozenset(sizes),
-                kind)
+                kind, frozenset(patterns))
 
 
 def register_rule(*targets: Any, inputs: tuple[str, ...] = ("input",), may_alias: bool = False,
-                  shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = (), kind: str | None = None):
+                  shape_only: tuple[str, ...] = (), sizes: tuple[str, ...] = (), kind: str | None = None,
+                  patterns: tuple[str, ...] = ()):
     """Register ``rule(ev, ...)`` for functions (callables) and Tensor methods (names).
 
     ``shape_only`` names parameters whose shape, dtype or device alone the op reads
     (``view_as(other)``): they may carry the input, and count as shape-only in the dataflow.
     ``sizes`` names parameters read as the result's sizes (``view(*shape)``): the only ones that
     may hold the batch size. ``kind`` says what the op is to the transforms (:data:`KINDS`).
+    ``patterns`` names parameters whose *value* the rule never reads, only the graph node behind
+    it (``where``'s condition, matched against its branches): they may hold a value no rule can
+    bound (a comparison's result), and the rule must refuse whatever it does not recognise.
     """
 
     def deco(fn: Callable) -> Callable:
-        rule = _make(fn, inputs, False, may_alias, shape_only, sizes, kind)
+        rule = _make(fn, inputs, False, may_alias, shape_only, sizes, kind, patterns)
         for t in targets:
             (METHOD_RULES if isinstance(t, str) else FUNCTION_RULES)[t] = rule
         return fn

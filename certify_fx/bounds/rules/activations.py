@@ -8,8 +8,10 @@ is unbounded, ``softmax`` over the batch dimension mixes examples.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -193,7 +195,7 @@ def _indices(op: str) -> Refused:
 _LARGER = (torch.max, "max", torch.maximum, "maximum")
 
 
-def _elementwise_pair(ev, a, b, nodes: tuple):
+def _elementwise_pair(ev, a, b, nodes: tuple, larger: bool):
     """``max(a, b)`` / ``min(a, b)``, elementwise.
 
     With one side constant, it is 1-Lipschitz in the other (:func:`_against_constant`). With both
@@ -217,7 +219,7 @@ def _elementwise_pair(ev, a, b, nodes: tuple):
         halves = [ev.linear(broadcast(ev, t, out), Reshape(out, (1, *out))) for t in (a, b)]
         joint = concat_values(ev, halves, 1, pair_shape)  # dim 1 counts the batch: the new leading dim
         pair = ev.shared[key] = ev.nonlinear(joint, 1.0, "sort of each pair (max, min)", shape=pair_shape)
-    return ev.linear(pair, Select(pair_shape, out, (0 if ev.node.target in _LARGER else 1,)))
+    return ev.linear(pair, Select(pair_shape, out, (0 if larger else 1,)))
 
 
 def _pair_nodes(ev, other_name: str) -> tuple:
@@ -230,13 +232,49 @@ def _pair_nodes(ev, other_name: str) -> tuple:
 
 @register_rule(torch.maximum, "maximum", torch.minimum, "minimum", inputs=("input", "other"))
 def maximum(ev, input, other):
-    return _elementwise_pair(ev, input, other, _pair_nodes(ev, "other"))
+    return _elementwise_pair(ev, input, other, _pair_nodes(ev, "other"), ev.node.target in _LARGER)
+
+
+#: comparisons, and whether ``where(p OP q, p, q)`` keeps the larger of ``p`` and ``q``
+_COMPARISONS = {operator.gt: True, operator.ge: True, torch.gt: True, torch.ge: True, torch.greater: True,
+                torch.greater_equal: True, "gt": True, "ge": True, "greater": True, "greater_equal": True,
+                operator.lt: False, operator.le: False, torch.lt: False, torch.le: False, torch.less: False,
+                torch.less_equal: False, "lt": False, "le": False, "less": False, "less_equal": False}
+
+
+@register_rule(*_COMPARISONS, inputs=("input", "other"))
+def comparison(ev, input, other):
+    return Refused("a comparison of input-dependent values is not a continuous function of the input",
+                   "use torch.maximum / torch.minimum (where(a > b, a, b) is read as max(a, b))")
+
+
+@register_rule(torch.where, "where", inputs=("input", "other"), patterns=("condition",))
+def where(ev, condition, input, other):
+    """``where(p > q, p, q)`` is ``max(p, q)`` and ``where(p > q, q, p)`` is ``min(p, q)`` (any
+    comparison, either order): read as :func:`_elementwise_pair` when the condition compares the
+    very two values the branches pick (:meth:`value_key`); anything else is refused."""
+    names = ("condition", "input", "other")
+    args = {**dict(zip(names, ev.node.args)), **ev.node.kwargs}
+    cond, branches = args.get("condition"), (args.get("input"), args.get("other"))
+    if not (isinstance(cond, fx.Node) and cond.op in ("call_function", "call_method")
+            and cond.target in _COMPARISONS and len(cond.args) == 2 and not cond.kwargs):
+        ev.fail("where() with a condition other than a comparison of its two branches is not continuous",
+                "use torch.maximum / torch.minimum, or a constant mask")
+    p, q = cond.args
+    keys = [ev.value_key(n) for n in (p, q, *branches[1:])]
+    picks_first = keys[0] == ev.value_key(branches[0]) and keys[1] == keys[2]  # where(p ? q, p, q)
+    picks_second = keys[1] == ev.value_key(branches[0]) and keys[0] == keys[2]  # where(p ? q, q, p)
+    if not (picks_first or picks_second) or keys[0] == keys[1]:
+        ev.fail("where() picks other values than the two its condition compares: not continuous",
+                "use torch.maximum / torch.minimum")
+    larger = _COMPARISONS[cond.target] == picks_first
+    return _elementwise_pair(ev, input, other, branches, larger)
 
 
 @register_rule(torch.max, "max", torch.min, "min", inputs=("input", "dim"))
 def max_(ev, input, dim=None, keepdim=False):
     if isinstance(dim, (torch.Tensor, Tracked)) or isinstance(input, torch.Tensor):  # max(input, other)
-        return _elementwise_pair(ev, input, dim, _pair_nodes(ev, "dim"))
+        return _elementwise_pair(ev, input, dim, _pair_nodes(ev, "dim"), ev.node.target in _LARGER)
     if dim is None:
         ev.fail("max/min over every dimension mixes the examples of a batch", "pass dim=")
     feature_dim(ev, dim, len(input.shape) + 1, "max/min")
