@@ -165,6 +165,17 @@ def _(r):
     return fns[form], _id()
 
 
+@op("copying_pad", "shape.pad shape.copying_pad_module shape.getitem", linear=True)
+def _(r):
+    """Circular, reflect and replicate padding copy elements: bounded by sqrt(most copies), exactly."""
+    mode = r.choice(["circular", "reflect", "replicate"])
+    p = r.choice([1, 2])
+    if r.random() < 0.5:
+        return (lambda x, m: F.pad(x, (p, p, p, p), mode=mode)[:, :, p:-p, :4]), _id()
+    module = {"circular": nn.CircularPad2d, "reflect": nn.ReflectionPad2d, "replicate": nn.ReplicationPad2d}[mode](p)
+    return (lambda x, m: m(x)[:, :, :4, p:p + 4]), module
+
+
 @op("clamp_min_max", "activations.clamp_min activations.clamp_max")
 def _(r):
     return (lambda x, m: x.clamp_min(-0.5) + torch.clamp_max(x, 0.3)), _id()
@@ -283,11 +294,13 @@ def _(r):
     return (lambda x, m: m(x)), nn.ELU(r.uniform(-2, 2))
 
 
-@op("prelu_module", "activations.prelu_module")
+@op("prelu_module", "activations.prelu_module activations.prelu")
 def _(r):
     m = nn.PReLU(4)
     with torch.no_grad():
         m.weight.copy_(_randn(r, 4) * 2)
+    if r.random() < 0.5:  # the function form, as code that keeps its own slope parameter writes it
+        return (lambda x, mod: F.prelu(x, mod.weight)), m
     return (lambda x, mod: mod(x)), m
 
 
@@ -776,7 +789,6 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
     ("index_batch", lambda: _Single(lambda x, m: x[[1, 0, 1]]), None),
     ("interpolate_bicubic", lambda: _Single(lambda x, m: F.interpolate(x, scale_factor=2, mode="bicubic")),
      "pooling.interpolate"),
-    ("reflect_pad", lambda: _Single(lambda x, m: F.pad(x, (1, 1, 1, 1), mode="reflect")), "shape.pad"),
     ("dropout_training", lambda: _Single(lambda x, m: F.dropout(x, 0.5)), "shape.dropout"),
     ("dropout_module_training", lambda: _Single(lambda x, m: m(x), nn.Dropout(1.0).train()), "shape.dropout_module"),
     ("batch_norm_training", lambda: _Single(lambda x, m: m(x), nn.BatchNorm2d(4).train()),

@@ -334,12 +334,24 @@ def elu_module(ev, module, input):
     return ev.nonlinear(input, _elu_constant(module.alpha))
 
 
-@register_module_rule(nn.PReLU, kind="activation")
-def prelu_module(ev, module, input):
-    weight = module.weight.detach()
+def _prelu_constant(ev, weight: torch.Tensor) -> float:
+    """``max(1, max |slope|)``: PReLU is piecewise linear with slopes 1 and ``weight``."""
+    if not isinstance(weight, torch.Tensor):
+        ev.fail("PReLU's slope must be a constant tensor")
+    weight = weight.detach()
     if not bool(torch.isfinite(weight).all()):
         ev.fail("PReLU has a non-finite slope")
-    return ev.nonlinear(input, max(1.0, float(weight.abs().max())))
+    return max(1.0, float(weight.abs().max()))
+
+
+@register_rule(F.prelu, torch.prelu, "prelu", kind="activation")
+def prelu(ev, input, weight):
+    return ev.nonlinear(input, _prelu_constant(ev, weight))
+
+
+@register_module_rule(nn.PReLU, kind="activation")
+def prelu_module(ev, module, input):
+    return ev.nonlinear(input, _prelu_constant(ev, module.weight))
 
 
 @register_module_rule(nn.GELU, kind="activation")

@@ -262,13 +262,21 @@ def broadcast_to(ev, input, size):
     return broadcast(ev, input, ev.shape())
 
 
+#: padding modes that copy input elements (each output is one input element): nonnegative maps
+#: whose bound sqrt(most copies of one element) is their exact norm
+COPYING_PAD_MODES = ("circular", "reflect", "replicate")
+
+
 def _pad(ev, x: Tracked, pads, mode: str = "constant") -> Tracked:
-    if mode != "constant":
-        ev.fail(f"padding mode {mode!r} is not supported", "use zero (constant) padding")
     if len(pads) > 2 * len(x.shape):
         ev.fail("padding the batch dimension mixes the examples of a batch")
+    pads = tuple(int(p) for p in pads)
+    if mode in COPYING_PAD_MODES:
+        return nonnegative_map(ev, x, lambda t: F.pad(t, pads, mode=mode), f"{mode} pad {pads}")
+    if mode != "constant":
+        ev.fail(f"padding mode {mode!r} is not supported", f"use constant or {', '.join(COPYING_PAD_MODES)} padding")
     # constant padding (and cropping, with negative pads) is linear up to a constant, norm 1
-    return ev.linear(x, Pad(x.shape, ev.shape(), tuple(int(p) for p in pads)))
+    return ev.linear(x, Pad(x.shape, ev.shape(), pads))
 
 
 @register_rule(F.pad)
@@ -280,6 +288,19 @@ def pad(ev, input, pad, mode="constant", value=None):
                       kind="linear")
 def pad_module(ev, module, input):
     return _pad(ev, input, module.padding)
+
+
+_COPYING_PAD_MODULES = {
+    "reflect": (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d),
+    "replicate": (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
+    "circular": (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d),
+}
+
+
+@register_module_rule(*(t for types in _COPYING_PAD_MODULES.values() for t in types), kind="linear")
+def copying_pad_module(ev, module, input):
+    mode = next(m for m, types in _COPYING_PAD_MODULES.items() if isinstance(module, types))
+    return _pad(ev, input, module.padding, mode)
 
 
 # -- copies: flips, rolls, repeats, pixel shuffles -------------------------------------------
