@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .base import Certificate, CertificateMethod, certificate_method
-from .radius import check_eps
+from .radius import check_eps, check_input_shape
 
 if TYPE_CHECKING:
     from ..progress import ProgressLike
@@ -93,8 +93,8 @@ def evaluate_certified(
             if not checked:  # the model does not change during the loop: its fingerprint is read once
                 method.check(model, bound, shape)
                 checked = True
-            elif tuple(method.margin_bound(bound).input_shape) != shape:
-                method.check(model, bound, shape)  # raises, naming both shapes
+            else:
+                check_input_shape(method.margin_bound(bound), shape)
             pred, radius = method.radii(model, x, bound)
             cert = Certificate(pred, radius, eps_list[0] if eps_list else 0.0, sound=method.sound)
         hit = cert.pred == y
