@@ -62,6 +62,7 @@ class Evaluator(fx.Interpreter):
         self.shared: dict[Any, Any] = {}  # what rules share between the nodes of this evaluation
         self.rows: list[NodeBound] = []
         self.node: fx.Node | None = None
+        self.rule: registry.Rule | None = None  # the current node's own rule
         self.output_margin: tuple | None = None
         self.logits = logits
         param = next(iter(gm.parameters()), None)
@@ -125,6 +126,12 @@ class Evaluator(fx.Interpreter):
                                    _float(constant.estimate), lip.bound, _float(lip.estimate), constant.method,
                                    lip.sound))
         return Tracked(shape, {source: Identity(shape)}, origin=source)
+
+    def graph_argument(self, name: str) -> Any:
+        """The graph argument (a node, or a constant) the current node passes as its rule's
+        parameter ``name`` (None if the call leaves it out)."""
+        fixed = (None, None) if self.rule.is_module else (None,)
+        return self.rule.signature.bind(*fixed, *self.node.args, **self.node.kwargs).arguments.get(name)
 
     def value_key(self, arg: Any) -> Any:
         """A key that two arguments share exactly when they are computed by the same ops from the
@@ -275,6 +282,7 @@ class Evaluator(fx.Interpreter):
                 self.fail("no Lipschitz rule for this operation",
                           "rewrite it with supported ops, or register one with certify_fx.bounds.register_rule")
         self._check_batch_arguments(n, rule)
+        self.rule = rule
         result = self.apply(rule, args, kwargs, module)
         self._check_result(n, result)
         return result

@@ -90,6 +90,9 @@ class RuleContext(Protocol):
         """The norm of a linear operator, proven (or estimated while training) as the compiler
         bounds every linear map."""
 
+    def graph_argument(self, name: str) -> Any:
+        """The graph node (or constant) the current node passes as the rule's parameter ``name``."""
+
     def value_key(self, arg: Any) -> Any:
         """Equal for two node arguments exactly when they compute the same value the same way."""
 

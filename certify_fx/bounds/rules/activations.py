@@ -222,17 +222,10 @@ def _elementwise_pair(ev, a, b, nodes: tuple, larger: bool):
     return ev.linear(pair, Select(pair_shape, out, (0 if larger else 1,)))
 
 
-def _pair_nodes(ev, other_name: str) -> tuple:
-    """The graph arguments of an elementwise ``max``/``min`` call: ``input`` and ``other``."""
-    args, kwargs = ev.node.args, ev.node.kwargs
-    first = args[0] if args else kwargs.get("input")
-    second = args[1] if len(args) > 1 else kwargs.get(other_name)
-    return first, second
-
-
 @register_rule(torch.maximum, "maximum", torch.minimum, "minimum", inputs=("input", "other"))
 def maximum(ev, input, other):
-    return _elementwise_pair(ev, input, other, _pair_nodes(ev, "other"), ev.node.target in _LARGER)
+    nodes = (ev.graph_argument("input"), ev.graph_argument("other"))
+    return _elementwise_pair(ev, input, other, nodes, ev.node.target in _LARGER)
 
 
 #: comparisons, and whether ``where(p OP q, p, q)`` keeps the larger of ``p`` and ``q``
@@ -253,9 +246,7 @@ def where(ev, condition, input, other):
     """``where(p > q, p, q)`` is ``max(p, q)`` and ``where(p > q, q, p)`` is ``min(p, q)`` (any
     comparison, either order): read as :func:`_elementwise_pair` when the condition compares the
     very two values the branches pick (:meth:`value_key`); anything else is refused."""
-    names = ("condition", "input", "other")
-    args = {**dict(zip(names, ev.node.args)), **ev.node.kwargs}
-    cond, branches = args.get("condition"), (args.get("input"), args.get("other"))
+    cond, branches = ev.graph_argument("condition"), (ev.graph_argument("input"), ev.graph_argument("other"))
     if not (isinstance(cond, fx.Node) and cond.op in ("call_function", "call_method")
             and cond.target in _COMPARISONS and len(cond.args) == 2 and not cond.kwargs):
         ev.fail("where() with a condition other than a comparison of its two branches is not continuous",
@@ -274,7 +265,8 @@ def where(ev, condition, input, other):
 @register_rule(torch.max, "max", torch.min, "min", inputs=("input", "dim"))
 def max_(ev, input, dim=None, keepdim=False):
     if isinstance(dim, (torch.Tensor, Tracked)) or isinstance(input, torch.Tensor):  # max(input, other)
-        return _elementwise_pair(ev, input, dim, _pair_nodes(ev, "dim"), ev.node.target in _LARGER)
+        nodes = (ev.graph_argument("input"), ev.graph_argument("dim"))  # torch.max(input, other) fills dim
+        return _elementwise_pair(ev, input, dim, nodes, ev.node.target in _LARGER)
     if dim is None:
         ev.fail("max/min over every dimension mixes the examples of a batch", "pass dim=")
     feature_dim(ev, dim, len(input.shape) + 1, "max/min")
