@@ -38,14 +38,14 @@ def exact_margin_norms(jac):
     return diff.norm(dim=-1)
 
 
-def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60):
+def empirical_margin_lipschitz(model, shape, i, j, restarts=4, steps=60, dtype=torch.float64):
     """Largest ||grad (f_i - f_j)|| and secant slope gradient ascent finds (a lower bound).
 
     Ops without a double backward (hardsigmoid) fall back to sampling gradient norms.
     """
     best = 0.0
     for r in range(restarts):
-        x = torch.randn(8, *shape, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(8, *shape, dtype=dtype, requires_grad=True)
         opt = torch.optim.Adam([x], lr=0.05)
         for _ in range(steps):
             out = model(x)

@@ -97,15 +97,43 @@ def _(r):
     return (lambda x, m: m(3 * x)), cnn.SmoothSoftplus()
 
 
-@op("one_lipschitz", "activations.one_lipschitz")
+@op("one_lipschitz", "activations.one_lipschitz activations.monotone_one_lipschitz")
 def _(r):
     fn = r.choice([torch.tanh, F.tanh, torch.abs, F.softsign, F.logsigmoid])
     return (lambda x, m: fn(2 * x)), _id()
 
 
-@op("tanh_abs_methods", "activations.one_lipschitz")
+@op("tanh_abs_methods", "activations.one_lipschitz activations.monotone_one_lipschitz")
 def _(r):
     return (lambda x, m: x.tanh() + x.abs()), _id()
+
+
+@op("softshrink", "activations.softshrink")
+def _(r):
+    lambd = r.uniform(0, 1)
+    return (lambda x, m: F.softshrink(2 * x, lambd)), _id()
+
+
+@op("gated_residual", "activations.relu linear.linear linear.matmul")
+def _(r):
+    """x - 2 W T^-1 relu(W^T x + b) (SLL) or x - 2/||W||^2 W relu(W^T x) (CPL), on the last dim
+    (certified by the gated residual certificate), or a gate whose residual breaks the structure."""
+    w = _randn(r, 3, 4)
+    b = _randn(r, 3) * 0.3
+    q = torch.rand(3, generator=torch.Generator().manual_seed(r.randrange(2**31))) + 0.5
+    kind = r.choice(["sll", "cpl", "broken"])
+    if kind == "sll":
+        scale = 2 / (torch.abs(w @ w.T) * q[None, :] / q[:, None]).sum(1)
+    elif kind == "cpl":
+        scale = torch.full((3,), 2 / torch.linalg.matrix_norm(w, ord=2).item() ** 2)
+    else:
+        scale = torch.rand(3, generator=torch.Generator().manual_seed(r.randrange(2**31))) * 3
+    return (lambda x, m: x - (F.relu(F.linear(x, m.w, m.b)) * m.s) @ m.w), Const(w=w, b=b, s=scale)
+
+
+@op("matmul_left", "linear.matmul", linear=True)
+def _(r):
+    return (lambda x, m: m.w @ x), Const(w=_randn(r, 4, 4))
 
 
 @op("softplus", "activations.softplus")

@@ -47,10 +47,14 @@ def check_linear(model: torch.nn.Module) -> None:
 def check_nonlinear(model: torch.nn.Module, restarts: int = 2, steps: int = 30) -> None:
     b = cfx.bound(model, SHAPE, estimate_steps=0)
     assert b.sound and b.finite
-    double = copy.deepcopy(model).double()
+    probe, dtype, slack = copy.deepcopy(model).double(), torch.float64, 1e-6
+    try:
+        probe(torch.rand(2, *SHAPE, dtype=torch.float64))
+    except RuntimeError:  # a forward that keeps float32 tensors of its own (an instance-level override)
+        probe, dtype, slack = model, torch.float32, 1e-4
     for i, j in PAIRS:
-        lower = empirical_margin_lipschitz(double, SHAPE, i, j, restarts=restarts, steps=steps)
-        assert b.margin[i, j].item() >= lower * (1 - 1e-6), (i, j, b.margin[i, j].item(), lower)
+        lower = empirical_margin_lipschitz(probe, SHAPE, i, j, restarts=restarts, steps=steps, dtype=dtype)
+        assert b.margin[i, j].item() >= lower * (1 - slack), (i, j, b.margin[i, j].item(), lower)
     x = torch.rand(64, *SHAPE) * 2 - 1
     cert = cfx.certify(model, x, 0.0, bound=b)
     certified = cert.radius > 0

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import CertifyFxError, UnsupportedNodeError
 from . import rules
-from .capture import capture, example_input, node_error
+from .capture import CaptureMode, capture, example_input, node_error
 from .dependence import Dependence, check_hooks, check_mutations, input_dependence
 from .module_state import ModuleState, unwrap_model
 from .values import Shape
@@ -282,11 +282,13 @@ def check_pure_forward(model: nn.Module, gm: fx.GraphModule, recording: Recordin
                           "compute that value with tensor ops inside forward, or make it a buffer")
 
 
-def traced_and_recorded(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[fx.GraphModule, Recording]:
-    """Trace ``model`` (a known wrapper is unwrapped; the model is left as it was), check its
-    structure, record the example runs and check its in-place ops."""
+def traced_and_recorded(model: nn.Module, input_shape: tuple[int, ...],
+                        mode: CaptureMode = "auto") -> tuple[fx.GraphModule, Recording]:
+    """Capture ``model`` (a known wrapper is unwrapped; the model is left as it was; ``mode``: see
+    :func:`~.capture.capture`), check its structure, record the example runs and check its
+    in-place ops."""
     model = unwrap_model(model)
-    gm = capture(model)
+    gm = capture(model, input_shape, mode)
     check_structure(model, gm)
     recording = record(gm, input_shape)
     check_mutations(gm, recording.dependence, recording.shapes, _fail_at(gm))

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import CertifyFxError
 from .analysis import check_pure_forward, traced_and_recorded
+from .capture import CaptureMode
 from .evaluation import Evaluator
 from .fingerprint import Fingerprint, model_fingerprint
 from .module_state import unwrap_model
@@ -74,16 +75,19 @@ class BoundCompiler(nn.Module):
         materialize_limit: composite or FFT-bounded operators with at most this many input and
             output entries are materialised and their norm computed exactly (a 2048-entry
             operator takes about 1 s); 0 disables it.
+        capture: how the graph is built (:data:`~.capture.CAPTURE_MODES`): symbolic tracing, with
+            ``torch.export`` where tracing fails (``"auto"``), or only one of them.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], materialize_limit: int = 2048) -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], materialize_limit: int = 2048,
+                 capture: CaptureMode = "auto") -> None:
         super().__init__()
         self.input_shape = _check_input_shape(input_shape)
         self.materialize_limit = materialize_limit
         # not submodules: see the class docstring
         model = unwrap_model(model)
         self.__dict__["model"] = model
-        gm, self._recording = traced_and_recorded(model, self.input_shape)
+        gm, self._recording = traced_and_recorded(model, self.input_shape, capture)
         self.__dict__["graph_module"] = gm
         self.structure = model_fingerprint(model, weights=False).structure
         self._iterate_names: dict[str, str] = {}
@@ -231,7 +235,8 @@ def linear_form(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Tracked:
 
 
 def bound(model: nn.Module, input_shape: tuple[int, ...], estimate_steps: int = 100,
-          materialize_limit: int = 2048, progress: ProgressLike | None = None) -> LipschitzBound:
+          materialize_limit: int = 2048, progress: ProgressLike | None = None,
+          capture: CaptureMode = "auto") -> LipschitzBound:
     """Sound per-margin Lipschitz constants of ``model`` on inputs of ``input_shape``.
 
     Args:
@@ -241,13 +246,17 @@ def bound(model: nn.Module, input_shape: tuple[int, ...], estimate_steps: int = 
         materialize_limit: operators this small are materialised and bounded exactly.
         progress: a progress display (:func:`certify_fx.progress.progress_display`) to show one
             step per graph node on; the wide convolutions of big models take minutes on a CPU.
+        capture: ``"auto"`` traces the model symbolically (torch.fx) and, where that fails (Python
+            on weights, branches on the input's shape), captures it with ``torch.export``;
+            ``"symbolic"`` or ``"export"`` forces one path. An exported graph is proven for
+            ``input_shape`` (export specialises on every size but the batch).
 
     Raises:
         UnsupportedNodeError: a node whose Lipschitz behaviour is unknown or unbounded; the
             message names the node, its op, and the fix.
     """
     task = progress.add_task("trace", total=None, info="") if progress is not None else None
-    compiler = BoundCompiler(model, input_shape, materialize_limit)
+    compiler = BoundCompiler(model, input_shape, materialize_limit, capture)
     if task is not None:
         progress.remove_task(task)
     return compiler.sound_bound(estimate_steps, progress=progress)

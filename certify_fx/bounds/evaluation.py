@@ -23,13 +23,16 @@ from . import registry
 from .analysis import EXAMPLE_BATCH, RECORDED_LEVELS, Recording
 from .capture import describe_node, node_error
 from .dependence import Dependence, nodes_in
-from .operators import Identity, LinearOperator, compose
+from .operators import Identity, LinearOperator, compose, materialize
+from .residual import STRUCTURE_TOLERANCE, gated_residual_bound
 from .result import FULL_PRECISION
 from .values import Lipschitz, NodeBound, Refused, Shape, Tracked, find_refused, has_tracked
 
 __all__ = ["Evaluator"]
 
 _CALLS = ("call_function", "call_method", "call_module")
+#: the largest side of a gated residual layer the compiler materialises to certify it (:mod:`.residual`)
+_GATED_LIMIT = 2048
 
 
 def _float(value: Any) -> float:
@@ -68,6 +71,7 @@ class Evaluator(fx.Interpreter):
         param = next(iter(gm.parameters()), None)
         self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
         self._first_placeholder = True
+        self._gates: dict[str, dict[str, LinearOperator]] = {}  # monotone activations: their input's form
 
     # -- the API rules use -----------------------------------------------------------------
     def shape(self, node: fx.Node | None = None, part: int | None = None) -> Shape:
@@ -92,7 +96,8 @@ class Evaluator(fx.Interpreter):
         return Tracked(op.out_shape, {s: compose(op, a) for s, a in value.form.items()})
 
     def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
-                  part: int | None = None, whole_map: bool = False, shape: Shape | None = None) -> Tracked:
+                  part: int | None = None, whole_map: bool = False, shape: Shape | None = None,
+                  monotone: bool = False) -> Tracked:
         """A map with Lipschitz constant ``constant``: the result (the node's output, or its tuple
         element ``part``) becomes a new source. ``constant`` is a number (exact), or a
         :class:`Lipschitz` derived from :meth:`operator_norm` (proven bound and estimate).
@@ -102,7 +107,9 @@ class Evaluator(fx.Interpreter):
         rule's ``constant`` bounds the ``whole_map`` from ``value`` to the result, copies and
         embeddings included (overlapping or padded max-pooling, SOC's channel padding). ``shape``
         gives the result another shape than the node's (an intermediate value the rule then maps
-        linearly, e.g. the sorted pair behind ``max(a, b)`` and ``min(a, b)``)."""
+        linearly, e.g. the sorted pair behind ``max(a, b)`` and ``min(a, b)``). ``monotone`` says
+        the map is elementwise and nondecreasing with slopes in ``[0, constant]`` (ReLU, tanh):
+        with ``constant <= 1`` it may gate a residual layer :mod:`.residual` certifies."""
         if not isinstance(value, Tracked):
             self.fail(f"expected an input-dependent tensor, got {type(value).__name__}")
         if not isinstance(constant, Lipschitz):
@@ -122,6 +129,8 @@ class Evaluator(fx.Interpreter):
             source += "'"
         lip = Lipschitz(constant.bound * inner.bound, constant.estimate * inner.estimate, constant.sound and inner.sound)
         self.lipschitz[source] = lip
+        if monotone and constant.sound and constant.bound <= 1 and tuple(shape) == tuple(value.shape):
+            self._gates[source] = value.form
         self.rows.append(NodeBound(node.name, what or describe_node(node, self.module), "activation", constant.bound,
                                    _float(constant.estimate), lip.bound, _float(lip.estimate), constant.method,
                                    lip.sound))
@@ -140,10 +149,14 @@ class Evaluator(fx.Interpreter):
         if isinstance(arg, fx.Node):
             keys = self.shared.setdefault("value keys", {})
             if arg not in keys:
+                # numbered, so that a key stays small however deep the graph (weights computed by a
+                # loop of products would otherwise nest keys exponentially)
+                numbers = self.shared.setdefault("value numbers", {})
                 if arg.op in ("placeholder", "get_attr"):
-                    keys[arg] = (arg.op, arg.target)
+                    computation = (arg.op, arg.target)
                 else:
-                    keys[arg] = (arg.op, arg.target, self.value_key(arg.args), self.value_key(arg.kwargs))
+                    computation = (arg.op, arg.target, self.value_key(arg.args), self.value_key(arg.kwargs))
+                keys[arg] = ("value", numbers.setdefault(computation, len(numbers)))
             return keys[arg]
         if isinstance(arg, (tuple, list)):
             return (type(arg).__name__, *(self.value_key(a) for a in arg))
@@ -245,6 +258,40 @@ class Evaluator(fx.Interpreter):
         value.lipschitz = total
         return total
 
+    def _gated_residual(self, value: Tracked) -> Tracked:
+        """``value`` as one new source when it is a gated residual layer ``A u + B sigma(C u + b)``
+        that :mod:`.residual` proves 1-Lipschitz-like (SLL, CPL): its form has two sources, the
+        input ``u`` and a monotone activation of ``u`` alone, small enough to materialise, with the
+        structure present (else ``value`` as it is, bounded generically where it is consumed)."""
+        if len(value.form) != 2:
+            return value
+        for gate, b_op in value.form.items():
+            inner = self._gates.get(gate)
+            if inner is None or len(inner) != 1:
+                continue
+            (source, c_op), = inner.items()
+            a_op = value.form.get(source)
+            if a_op is None or source == gate:
+                continue
+            n, h = math.prod(a_op.in_shape), math.prod(b_op.in_shape)
+            if math.prod(a_op.out_shape) != n or max(n, h) > _GATED_LIMIT:
+                continue
+            result = gated_residual_bound(materialize(a_op), materialize(b_op), materialize(c_op))
+            if result is None or result[1] > STRUCTURE_TOLERANCE:
+                continue
+            constant, _ = result
+            inner_lip = self.lipschitz[source]
+            lip = Lipschitz(constant * inner_lip.bound, constant * inner_lip.estimate, inner_lip.sound)
+            name = self.node.name
+            while name in self.lipschitz:
+                name += "'"
+            self.lipschitz[name] = lip
+            self.rows.append(NodeBound(name, f"gated residual layer ({source} + {b_op.describe()} . {gate})",
+                                       "activation", constant, constant, lip.bound, _float(lip.estimate),
+                                       "gated residual (proven)", lip.sound))
+            return Tracked(value.shape, {name: Identity(value.shape)}, origin=name)
+        return value
+
     # -- interpreter -----------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
         result = self._run_node(n)
@@ -285,7 +332,7 @@ class Evaluator(fx.Interpreter):
         self.rule = rule
         result = self.apply(rule, args, kwargs, module)
         self._check_result(n, result)
-        return result
+        return self._gated_residual(result) if isinstance(result, Tracked) and self._gates else result
 
     def _check_dtype(self, key: str) -> None:
         dtype = self.recording.dtypes.get(key)

@@ -81,10 +81,12 @@ class RuleContext(Protocol):
         """``op`` applied to ``value`` (folded with what came before)."""
 
     def nonlinear(self, value: Tracked, constant: float | Lipschitz, what: str | None = None,
-                  part: int | None = None, whole_map: bool = False, shape: Shape | None = None) -> Tracked:
+                  part: int | None = None, whole_map: bool = False, shape: Shape | None = None,
+                  monotone: bool = False) -> Tracked:
         """A map with global Lipschitz constant ``constant`` (a number, or a :class:`Lipschitz`
         derived from :meth:`operator_norm`) applied to ``value``; its result has the node's shape
-        (or ``shape``, for an intermediate value the rule then maps linearly)."""
+        (or ``shape``, for an intermediate value the rule then maps linearly); ``monotone``: the map
+        is elementwise and nondecreasing with slopes in ``[0, constant]``."""
 
     def operator_norm(self, op: LinearOperator) -> Lipschitz:
         """The norm of a linear operator, proven (or estimated while training) as the compiler
@@ -269,9 +271,12 @@ def lookup(kind: str, target: Any, module: nn.Module | None = None) -> Rule | No
         return None
     if rule is None:
         name = getattr(target, "__name__", "")
-        if name.endswith("_") and not name.startswith("_"):
-            functional = getattr(torch, name[:-1], None)
-            rule = FUNCTION_RULES.get(functional) if functional is not None else None
+        if name.endswith("_") and not name.startswith("_"):  # relu_, F.leaky_relu_: the functional form's rule
+            for namespace in (torch, torch.nn.functional):
+                functional = getattr(namespace, name[:-1], None)
+                rule = FUNCTION_RULES.get(functional) if functional is not None else None
+                if rule is not None:
+                    break
     return rule
 
 

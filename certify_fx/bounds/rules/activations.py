@@ -72,12 +72,12 @@ def _gelu_constant(approximate: str) -> float:
 
 @register_rule(F.relu, torch.relu, "relu", kind="activation")
 def relu(ev, input, inplace=False):
-    return ev.nonlinear(input, 1.0)
+    return ev.nonlinear(input, 1.0, monotone=True)
 
 
 @register_rule(F.relu6, kind="activation")
 def relu6(ev, input, inplace=False):
-    return ev.nonlinear(input, 1.0)
+    return ev.nonlinear(input, 1.0, monotone=True)
 
 
 @register_rule(F.hardtanh, kind="activation")
@@ -86,9 +86,21 @@ def hardtanh(ev, input, min_val=-1.0, max_val=1.0, inplace=False):
 
 
 @register_rule(torch.tanh, F.tanh, "tanh", kind="activation")
-@register_rule(torch.abs, "abs", F.softsign, F.logsigmoid)
+@register_rule(F.softsign, F.logsigmoid)
+def monotone_one_lipschitz(ev, input):
+    return ev.nonlinear(input, 1.0, monotone=True)
+
+
+@register_rule(torch.abs, "abs")
 def one_lipschitz(ev, input):
     return ev.nonlinear(input, 1.0)
+
+
+@register_rule(F.softshrink)
+def softshrink(ev, input, lambd=0.5):
+    if not isinstance(lambd, (int, float)) or not math.isfinite(lambd) or lambd < 0:
+        ev.fail(f"the threshold lambd={lambd!r} must be a number >= 0")
+    return ev.nonlinear(input, 1.0)  # slopes 0 and 1
 
 
 @register_rule(F.softplus, kind="activation")
@@ -293,7 +305,7 @@ def topk(ev, input, k, dim=-1, largest=True, sorted=True):
 @register_module_rule(nn.ReLU, nn.ReLU6, nn.Tanh, kind="activation")
 @register_module_rule(nn.Softsign, nn.LogSigmoid, nn.Softshrink)
 def one_lipschitz_module(ev, module, input):
-    return ev.nonlinear(input, 1.0)
+    return ev.nonlinear(input, 1.0, monotone=True)  # each of them is nondecreasing
 
 
 @register_module_rule(nn.Hardtanh, kind="activation")

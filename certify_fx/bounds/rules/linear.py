@@ -125,7 +125,13 @@ def matmul(ev, input, other):
                 "Lipschitz", FIX_ATTENTION, NotLipschitzError)
     if isinstance(input, Tracked) and isinstance(other, torch.Tensor) and other.dim() == 2 and len(input.shape) >= 1:
         return ev.linear(input, Dense(input.shape, other.T))
-    ev.fail("only `input @ W` with a constant 2-d W is supported")
+    if isinstance(other, Tracked) and isinstance(input, torch.Tensor) and input.dim() == 2 and len(other.shape) >= 2:
+        # W @ x mixes the rows of x: (x^T W^T)^T, with the last two dims swapped around a dense map
+        swap = tuple(range(len(other.shape) - 2)) + (len(other.shape) - 1, len(other.shape) - 2)
+        rows = ev.linear(other, Permute(other.shape, swap))
+        mixed = ev.linear(rows, Dense(rows.shape, input))
+        return ev.linear(mixed, Permute(mixed.shape, swap))
+    ev.fail("only `input @ W` and `W @ input` with a constant 2-d W are supported")
 
 
 def _dense(ev, input, weight):
