@@ -16,6 +16,7 @@ from .bounds.result import LipschitzBound
 from .certificates import Certificate, CertificateMethod, certificate_method, evaluate_certified
 
 if TYPE_CHECKING:
+    from .bounds.capture import CaptureMode
     from .progress import ProgressLike
 
 __all__ = ["certificate_bound", "certify", "verified_robust_accuracy"]
@@ -62,11 +63,12 @@ def certify(
 
 
 def certificate_bound(model: nn.Module, input_shape: tuple[int, ...], method: str | CertificateMethod = "lipschitz",
-                      progress: ProgressLike | None = None) -> Any:
+                      progress: ProgressLike | None = None, capture: CaptureMode = "auto") -> Any:
     """The proven constants a certificate of ``method`` rests on, computed once for many batches of
     :func:`certify`: :func:`certify_fx.bound` for ``"lipschitz"``, :func:`certify_fx.curvature_bound`
-    (which holds that bound too) for ``"crc"``."""
-    return certificate_method(method).prove(model, input_shape, progress=progress)
+    (which holds that bound too) for ``"crc"``. ``capture``: how the model's graph is built
+    (symbolic tracing, with ``torch.export`` where it fails; see :func:`certify_fx.bound`)."""
+    return certificate_method(method).prove(model, input_shape, progress=progress, capture=capture)
 
 
 def verified_robust_accuracy(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_model_arguments", "add_test_set_arguments", "eps_list_argument", "input_shape_argument",
-           "load_from_args"]
+__all__ = ["add_capture_argument", "add_model_arguments", "add_test_set_arguments", "eps_list_argument",
+           "input_shape_argument", "load_from_args"]
 
 
 def input_shape_argument(text: str) -> tuple[int, ...]:
@@ -48,6 +48,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "or a parameter-name prefix to strip (e.g. model for model.conv.weight)")
     g.add_argument("--trust-source", action="store_true",
                    help="allow a checkpoint or converted file made from Python code to import that code")
+
+
+#: certify_fx.bounds.capture.CAPTURE_MODES, written out so that --help does not import torch (a test ties them)
+CAPTURE_CHOICES = ("auto", "symbolic", "export")
+
+
+def add_capture_argument(p: argparse.ArgumentParser) -> None:
+    """``--capture``: how a command that bounds a model builds its graph."""
+    p.add_argument("--capture", choices=CAPTURE_CHOICES, default="auto", help=(
+        "how the model's graph is built: 'auto' traces it symbolically (torch.fx) and, where that fails "
+        "(Python on weights, a branch on the input's shape), captures it with torch.export; 'symbolic' or "
+        "'export' uses only that path (default: auto)"))
 
 
 def load_from_args(args: argparse.Namespace):

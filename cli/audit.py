@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from .arguments import add_model_arguments, add_test_set_arguments, load_from_args
+from .arguments import add_capture_argument, add_model_arguments, add_test_set_arguments, load_from_args
 
 AUDIT_EXAMPLES = """examples:
   certify-fx audit runs/fashion_mnist/checkpoint.pt                      1000 test images, the recipe's radii
@@ -41,7 +41,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     start = time.perf_counter()
     with progress_display() as progress:
-        bound = cfx.certificate_bound(model, test.input_shape, args.method, progress=progress)
+        bound = cfx.certificate_bound(model, test.input_shape, args.method, progress=progress, capture=args.capture)
         report = audit(model, DataLoader(test.dataset, batch_size=args.batch_size), eps, bound, method=args.method,
                        steps=args.steps, restarts=args.restarts, progress=progress)
     summary = {**report.to_dict(), "model": loaded.name, "data": test.name, "seconds": time.perf_counter() - start}
@@ -103,4 +103,5 @@ def add_parser(sub) -> None:
     a.add_argument("--json", action="store_true",
                    help="print JSON: violations, vra, empirical_robust_accuracy, k_tightness, nodes, ...")
     a.add_argument("--plot", default=None, metavar="PNG", help="draw VRA and empirical robust accuracy against eps")
+    add_capture_argument(a)
     a.set_defaults(func=cmd_audit)

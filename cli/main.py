@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Sequence
 
-from .arguments import add_model_arguments, input_shape_argument, load_from_args
+from .arguments import add_capture_argument, add_model_arguments, input_shape_argument, load_from_args
 
 EXAMPLES = """\
 examples:
@@ -85,7 +85,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     model, shape = loaded.model, _input_shape(loaded, args.input_size)
     start = time.perf_counter()
-    result = _bound_with_progress(cfx, model, shape, args.estimate_steps)
+    result = _bound_with_progress(cfx, model, shape, args.estimate_steps, args.capture)
     seconds = time.perf_counter() - start
     if args.json:
         data = result.to_dict()
@@ -98,13 +98,13 @@ def cmd_bound(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bound_with_progress(cfx, model, shape, estimate_steps: int):
+def _bound_with_progress(cfx, model, shape, estimate_steps: int, capture: str = "auto"):
     """``cfx.bound`` with per-node progress on stderr (wide models take minutes on a CPU), so
     that stdout stays clean for ``--json``."""
     from certify_fx.progress import progress_display
 
     with progress_display() as progress:
-        return cfx.bound(model, shape, estimate_steps=estimate_steps, progress=progress)
+        return cfx.bound(model, shape, estimate_steps=estimate_steps, progress=progress, capture=capture)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--full", action="store_true", help="with --json, include the estimate matrix")
     p.add_argument("--quiet", action="store_true", help="print only the summary table")
+    add_capture_argument(p)
     p.set_defaults(func=cmd_bound)
 
     c = sub.add_parser(

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .arguments import add_model_arguments, add_test_set_arguments, load_from_args
+from .arguments import add_capture_argument, add_model_arguments, add_test_set_arguments, load_from_args
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -109,7 +109,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     method = cfx.certificates.certificate_method(args.method, classes=args.crc_classes)
     with progress_display() as progress:  # on stderr: stdout stays clean for --json
-        bound = cfx.certificate_bound(model, shape, method, progress=progress)
+        bound = cfx.certificate_bound(model, shape, method, progress=progress, capture=args.capture)
         bound_seconds = time.perf_counter() - start
         result = cfx.evaluate_certified(model, DataLoader(dataset, batch_size=recipe.data.eval_batch_size), eps, method,
                                         bound, keep_radii=True, progress=progress)
@@ -212,4 +212,5 @@ def add_parsers(sub) -> None:
     c.add_argument("--json", action="store_true",
                    help="print JSON with keys clean_accuracy, vra {eps: value}, bound, seconds")
     c.add_argument("--plot", default=None, metavar="PNG", help="draw certified accuracy against radius")
+    add_capture_argument(c)
     c.set_defaults(func=cmd_certify)

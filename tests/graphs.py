@@ -779,6 +779,8 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
     ("layer_norm_module", lambda: _Single(lambda x, m: m(x), nn.LayerNorm([4, 4, 4])), "refusals.normalization_module"),
     ("group_norm", lambda: _Single(lambda x, m: F.group_norm(x, 2)), "refusals.normalization"),
     ("normalize", lambda: _Single(lambda x, m: F.normalize(x, dim=1)), "refusals.normalize"),
+    ("fft_of_input", lambda: _Single(lambda x, m: torch.fft.irfft2(torch.fft.rfft2(x) * 2, s=(4, 4))),
+     "refusals.fourier"),
     ("attention", lambda: _Single(lambda x, m: m(x.flatten(2), x.flatten(2), x.flatten(2))[0],
                                   nn.MultiheadAttention(16, 1, batch_first=True)), "refusals.attention_module"),
     ("sdpa", lambda: _Single(lambda x, m: F.scaled_dot_product_attention(x, x, x)), "refusals.attention"),

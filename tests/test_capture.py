@@ -188,3 +188,18 @@ def test_sll_and_cpl_layers_are_proven_one_lipschitz(seed):
     strong = -4 / torch.linalg.matrix_norm(w, ord=2) ** 2 * w.T
     bound, _ = gated_residual_bound(torch.eye(7, dtype=torch.float64), strong, w)
     assert abs(bound - 3) < 1e-4
+
+
+def test_the_cli_bounds_a_model_file_symbolic_tracing_cannot_follow(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = peer_models.__file__
+    command = [sys.executable, "-m", "certify_fx", "bound", f"{path}:SLLStyle", "--input-size", "2,6,6", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["sound"] and data["penultimate"] <= 1 + 1e-5
+    symbolic = subprocess.run(command + ["--capture", "symbolic"], capture_output=True, text=True, timeout=600)
+    assert symbolic.returncode != 0 and "--capture auto" in symbolic.stderr

@@ -186,12 +186,13 @@ def _choice_lists(parser, path=()):
 def test_every_cli_choice_list_is_the_library_table():
     """The CLI spells its choices out (so --help starts without torch); each must equal the
     library's table, and a new choice list must be tied to one here."""
+    from certify_fx.bounds.capture import CAPTURE_MODES
     from certify_fx.certificates import CERTIFICATE_METHODS
     from certify_fx.losses import LOSSES
     from certify_fx.transforms.convert import CONVERT_OPTIONS, TARGETS
     from cli.main import build_parser
 
-    tables = {"--to": TARGETS, "--method": CERTIFICATE_METHODS,
+    tables = {"--to": TARGETS, "--method": CERTIFICATE_METHODS, "--capture": CAPTURE_MODES,
               **{"--" + name.replace("_", "-"): o.choices for name, o in CONVERT_OPTIONS.items() if o.choices}}
     found = _choice_lists(build_parser())
     assert found, "no choice lists found"

@@ -182,6 +182,8 @@ def _candidates(name: str) -> list[tuple[str, Any]]:
         fn = getattr(namespace, name, None)
         if fn is not None:
             found.append(("call_function", fn))
+    if name.startswith("fft_") and hasattr(torch.fft, name[4:]):  # aten.fft_rfft2 is torch.fft.rfft2
+        found.append(("call_function", getattr(torch.fft, name[4:])))
     if callable(getattr(torch.Tensor, name, None)):
         found.append(("call_method", name))
     return found

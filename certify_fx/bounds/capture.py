@@ -203,7 +203,8 @@ def capture(model: nn.Module, input_shape: tuple[int, ...] | None = None, mode: 
             return trace(model)
         except TraceError as symbolic_error:
             if mode == "symbolic":
-                raise
+                raise TraceError(f"{symbolic_error}; or let torch.export capture it (capture='auto' or 'export'; "
+                                 "CLI: --capture auto)") from symbolic_error
             state.restore()
             if on_fallback is not None:
                 on_fallback(symbolic_error)

@@ -20,6 +20,7 @@ from ..errors import CertifyFxError
 from .radius import check_bound, check_eps
 
 if TYPE_CHECKING:
+    from ..bounds.capture import CaptureMode
     from ..progress import ProgressLike
 
 __all__ = ["CERTIFICATE_METHODS", "Certificate", "CertificateMethod", "certificate_method", "register_certificate"]
@@ -74,8 +75,10 @@ class CertificateMethod(ABC):
     sound: bool = True
 
     @abstractmethod
-    def prove(self, model: nn.Module, input_shape: tuple[int, ...], progress: ProgressLike | None = None) -> Any:
-        """The constants this method certifies with, for ``model`` on inputs of ``input_shape``."""
+    def prove(self, model: nn.Module, input_shape: tuple[int, ...], progress: ProgressLike | None = None,
+              capture: CaptureMode = "auto") -> Any:
+        """The constants this method certifies with, for ``model`` on inputs of ``input_shape``
+        (``capture``: how the model's graph is built, see :func:`certify_fx.bound`)."""
 
     @abstractmethod
     def margin_bound(self, bound: Any) -> LipschitzBound:

@@ -41,6 +41,7 @@ from .base import CertificateMethod, register_certificate
 from .radius import check_bound, check_logits, check_proven, pair_radii, rounding_slack, smallest_radius
 
 if TYPE_CHECKING:
+    from ..bounds.capture import CaptureMode
     from ..progress import ProgressLike
 
 __all__ = ["CRCLipMethod", "CurvatureBound", "curvature_bound", "curvature_radius", "margin_curvature"]
@@ -146,7 +147,7 @@ def margin_curvature(head: SoftplusMLP) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def curvature_bound(model: nn.Module, input_shape: tuple[int, ...], lipschitz: LipschitzBound | None = None,
-                    progress: ProgressLike | None = None) -> CurvatureBound:
+                    progress: ProgressLike | None = None, capture: CaptureMode = "auto") -> CurvatureBound:
     """The proven constants :func:`curvature_radius` needs, for ``model`` on inputs of ``input_shape``.
 
     Raises:
@@ -154,8 +155,8 @@ def curvature_bound(model: nn.Module, input_shape: tuple[int, ...], lipschitz: L
     """
     head = crc_head(model)
     if lipschitz is None:
-        lipschitz = BoundCompiler(model, input_shape).sound_bound(estimate_steps=0, progress=progress)
-    features = BoundCompiler(_Features(model), input_shape).output_lipschitz(progress=progress)
+        lipschitz = BoundCompiler(model, input_shape, capture=capture).sound_bound(estimate_steps=0, progress=progress)
+    features = BoundCompiler(_Features(model), input_shape, capture=capture).output_lipschitz(progress=progress)
     lower, upper = margin_curvature(head)
     sound = lipschitz.sound and features.sound and bool(torch.isfinite(upper).all())
     return CurvatureBound(lipschitz, float(features.bound), lower, upper, sound)
@@ -260,9 +261,9 @@ class CRCLipMethod(CertificateMethod):
     def __init__(self, classes: int | None = None) -> None:
         self.classes = classes
 
-    def prove(self, model: nn.Module, input_shape: tuple[int, ...],
-              progress: ProgressLike | None = None) -> CurvatureBound:
-        return curvature_bound(model, input_shape, progress=progress)
+    def prove(self, model: nn.Module, input_shape: tuple[int, ...], progress: ProgressLike | None = None,
+              capture: CaptureMode = "auto") -> CurvatureBound:
+        return curvature_bound(model, input_shape, progress=progress, capture=capture)
 
     def margin_bound(self, bound: CurvatureBound) -> LipschitzBound:
         if not isinstance(bound, CurvatureBound):

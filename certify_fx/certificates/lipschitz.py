@@ -14,6 +14,7 @@ from .base import CertificateMethod, register_certificate
 from .radius import certified_radius, check_logits, check_proven
 
 if TYPE_CHECKING:
+    from ..bounds.capture import CaptureMode
     from ..progress import ProgressLike
 
 __all__ = ["LipschitzMethod"]
@@ -35,9 +36,10 @@ class LipschitzMethod(CertificateMethod):
         self.use_estimate = bool(use_estimate)
         self.sound = not self.use_estimate
 
-    def prove(self, model: nn.Module, input_shape: tuple[int, ...],
-              progress: ProgressLike | None = None) -> LipschitzBound:
-        return margin_bound(model, input_shape, estimate_steps=100 if self.use_estimate else 0, progress=progress)
+    def prove(self, model: nn.Module, input_shape: tuple[int, ...], progress: ProgressLike | None = None,
+              capture: CaptureMode = "auto") -> LipschitzBound:
+        return margin_bound(model, input_shape, estimate_steps=100 if self.use_estimate else 0, progress=progress,
+                            capture=capture)
 
     def margin_bound(self, bound: Any) -> LipschitzBound:
         """``bound`` itself, or the margin bound another method's constants carry (``.lipschitz``)."""
