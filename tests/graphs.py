@@ -131,6 +131,28 @@ def _(r):
     return (lambda x, m: x - (F.relu(F.linear(x, m.w, m.b)) * m.s) @ m.w), Const(w=w, b=b, s=scale)
 
 
+@op("fourier_region", "", linear=True)
+def _(r):
+    """A conv applied in the Fourier domain: a product per frequency (elementwise, or a channel
+    matmul with the batch moved last as Trockman et al. write it), then the inverse transform."""
+    g = torch.Generator().manual_seed(r.randrange(2**31))
+    kernel = torch.randn(4, 4, 3, 3, generator=g) * 0.3
+    spectrum = torch.fft.rfft2(kernel, s=(4, 4)).permute(2, 3, 0, 1)  # (4, 3, cout, cin)
+    norm = r.choice(["backward", "ortho"])
+
+    def batched(x, m):
+        b = x.shape[0]
+        xf = torch.fft.rfft2(x, norm=norm).permute(2, 3, 1, 0).reshape(12, 4, b)
+        yf = (m.q.to(xf.dtype).reshape(12, 4, 4) @ xf).reshape(4, 3, 4, b)
+        return torch.fft.irfft2(yf.permute(3, 2, 0, 1), s=(4, 4), norm=norm)
+
+    def elementwise(x, m):
+        spectrum = torch.fft.rfft2(x)
+        return torch.fft.irfft2(spectrum * m.q[:, :, 0, 0].conj().to(spectrum.dtype), s=(4, 4)) + 0.5
+
+    return r.choice([batched, elementwise]), Const(q=spectrum)
+
+
 @op("matmul_left", "linear.matmul", linear=True)
 def _(r):
     return (lambda x, m: m.w @ x), Const(w=_randn(r, 4, 4))
@@ -779,8 +801,8 @@ REFUSALS: list[tuple[str, Callable[[], nn.Module], str | None]] = [
     ("layer_norm_module", lambda: _Single(lambda x, m: m(x), nn.LayerNorm([4, 4, 4])), "refusals.normalization_module"),
     ("group_norm", lambda: _Single(lambda x, m: F.group_norm(x, 2)), "refusals.normalization"),
     ("normalize", lambda: _Single(lambda x, m: F.normalize(x, dim=1)), "refusals.normalize"),
-    ("fft_of_input", lambda: _Single(lambda x, m: torch.fft.irfft2(torch.fft.rfft2(x) * 2, s=(4, 4))),
-     "refusals.fourier"),
+    ("fft_modulus", lambda: _Single(lambda x, m: torch.fft.irfft2(torch.fft.rfft2(x).abs(), s=(4, 4))), None),
+    ("fft_product", lambda: _Single(lambda x, m: torch.fft.irfft2(torch.fft.rfft2(x) ** 2, s=(4, 4))), None),
     ("attention", lambda: _Single(lambda x, m: m(x.flatten(2), x.flatten(2), x.flatten(2))[0],
                                   nn.MultiheadAttention(16, 1, batch_first=True)), "refusals.attention_module"),
     ("sdpa", lambda: _Single(lambda x, m: F.scaled_dot_product_attention(x, x, x)), "refusals.attention"),

@@ -125,22 +125,39 @@ class CayleyDenseStyle(nn.Module):
 
 
 class CayleyFFTStyle(nn.Module):
-    """The FFT of the input: a circular conv applied per frequency (refused: no rule for the FFT)."""
+    """An orthogonal conv applied in the Fourier domain, the batch moved last for a batched matmul."""
+
+    nominal = 1.0
+
+    def __init__(self, channels: int = SHAPE[0]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) * 0.3)
+        self.head = _Head(channels * SHAPE[1] * SHAPE[2])
+
+    def _qfft(self, n: int) -> torch.Tensor:
+        w = torch.fft.rfft2(self.weight, s=(n, n)).permute(2, 3, 0, 1)  # (n, n//2+1, cout, cin)
+        a = w - w.conj().transpose(-1, -2)  # skew-Hermitian per frequency
+        eye = torch.eye(a.shape[-1], dtype=a.dtype)
+        return torch.linalg.solve(eye + a, eye - a)  # unitary per frequency
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batches, cin, n, _ = x.shape
+        xfft = torch.fft.rfft2(x).permute(2, 3, 1, 0).reshape(n * (n // 2 + 1), cin, batches)
+        q = self._qfft(n).reshape(n * (n // 2 + 1), cin, cin)
+        yfft = (q @ xfft).reshape(n, n // 2 + 1, cin, batches)
+        y = torch.fft.irfft2(yfft.permute(3, 2, 0, 1), s=(n, n))
+        return self.head(_maxmin(y))
+
+
+class FFTAbsStyle(nn.Module):
+    """The modulus of the input's spectrum: not a linear map of the input (refused)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(SHAPE[0], SHAPE[0], 3, 3) * 0.1)
-        self.head = _Head(math.prod(SHAPE))
+        self.head = _Head(SHAPE[0] * SHAPE[1] * (SHAPE[2] // 2 + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-1]
-        w_fft = torch.fft.rfft2(self.weight, s=(n, n)).permute(2, 3, 0, 1)
-        a = _skew(w_fft.conj().transpose(-1, -2) * 0.5)
-        eye = torch.eye(a.shape[-1], dtype=a.dtype)
-        q = torch.linalg.solve(eye + a, eye - a)
-        x_fft = torch.fft.rfft2(x).permute(2, 3, 1, 0)
-        y = torch.fft.irfft2((q @ x_fft).permute(3, 2, 0, 1), s=(n, n))
-        return self.head(y)
+        return self.head(torch.fft.rfft2(x).abs())
 
 
 # -- BCOP: Björck-orthogonalised weights, circular padding ----------------------------------------------
@@ -290,10 +307,10 @@ class ShapeBranchStyle(nn.Module):
 STAND_INS = {
     "liresnet": LiResNetStyle, "soc": SOCStyle, "cayley_dense": CayleyDenseStyle, "bcop": BCOPStyle,
     "aol": AOLStyle, "sll": SLLStyle, "cpl": CPLStyle, "torchlip": TorchlipStyle, "orthogonium": OrthogoniumStyle,
-    "sandwich": SandwichStyle, "shape_branch": ShapeBranchStyle,
+    "sandwich": SandwichStyle, "shape_branch": ShapeBranchStyle, "cayley_fft": CayleyFFTStyle,
 }
 #: stand-ins certify-fx refuses, each with the op its one-line refusal must name
-REFUSED = {"cayley_fft": (CayleyFFTStyle, "fft")}
+REFUSED = {"fft_abs": (FFTAbsStyle, "rfft2")}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

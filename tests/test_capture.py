@@ -74,7 +74,7 @@ def test_what_has_no_rule_is_refused_naming_node_op_and_source_line(name):
 
 
 def test_both_paths_give_the_same_bound_where_both_capture():
-    for name in ("cayley_dense", "bcop", "cpl", "torchlip", "sandwich"):
+    for name in ("cayley_dense", "bcop", "cpl", "torchlip", "sandwich", "cayley_fft"):
         model = peer_models.build(name)
         symbolic = cfx.bound(model, peer_models.SHAPE, estimate_steps=0, capture="symbolic")
         exported = cfx.bound(model, peer_models.SHAPE, estimate_steps=0, capture="export")

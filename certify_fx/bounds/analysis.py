@@ -22,6 +22,7 @@ from . import rules
 from .capture import CaptureMode, capture, example_input, node_error
 from .dependence import Dependence, check_hooks, check_mutations, input_dependence
 from .module_state import ModuleState, unwrap_model
+from .spectral import Region, find_regions
 from .values import Shape
 
 __all__ = ["EXAMPLE_BATCH", "RECORDED_LEVELS", "Recording", "record", "check_structure", "check_pure_forward",
@@ -44,6 +45,8 @@ class Recording:
     output: Any = None
     #: input-dependent nodes whose rows differ between the batch of 2 and the reordered batch of 3
     batch_dependent: set[str] = field(default_factory=set)
+    #: the Fourier-domain stretches of the graph (:mod:`.spectral`)
+    regions: list[Region] = field(default_factory=list)
 
 
 #: the classes whose values come from the example runs
@@ -174,7 +177,8 @@ def _check_batch_independence(gm: fx.GraphModule, two: Recording, three: Recordi
     on the batch size or on the input's position in the batch (a node whose rows differ is refused
     by the evaluator, after its rule)."""
     dependence = two.dependence
-    input_nodes = {n.name: n for n, d in dependence.items() if d == Dependence.INPUT}
+    inside = {n.name for region in two.regions for n in region.nodes if n not in region.exits}
+    input_nodes = {n.name: n for n, d in dependence.items() if d == Dependence.INPUT and n.name not in inside}
     for key, shape2 in two.shapes.items():  # keys are node names, or "name.i" for tuple parts
         node, shape3 = input_nodes.get(key.split(".")[0]), three.shapes.get(key)
         if node is None or not shape2 or shape2[0] != EXAMPLE_BATCH or shape3 is None:
@@ -207,6 +211,8 @@ def record(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Recording:
         raise UnsupportedNodeError(exc.node, exc.op, "the model fails on a batch of another size (it depends on "
                                    f"the batch size): {exc.reason}", "use the batch size from x.shape[0]") from None
     recording.dependence = other.dependence = _checked_broadcasts(gm, ndims, recording, other)
+    recording.regions = find_regions(gm, recording.dependence, recording.shapes, other.shapes, recording.dtypes,
+                                     EXAMPLE_BATCH)
     _check_batch_independence(gm, recording, other)
     return recording
 

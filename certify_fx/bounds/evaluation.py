@@ -25,6 +25,7 @@ from .capture import describe_node, node_error
 from .dependence import Dependence, nodes_in
 from .operators import Identity, LinearOperator, compose, materialize
 from .residual import STRUCTURE_TOLERANCE, gated_residual_bound
+from .spectral import REGION_LIMIT, Region, RegionMap
 from .result import FULL_PRECISION
 from .values import Lipschitz, NodeBound, Refused, Shape, Tracked, find_refused, has_tracked
 
@@ -33,6 +34,8 @@ __all__ = ["Evaluator"]
 _CALLS = ("call_function", "call_method", "call_module")
 #: the largest side of a gated residual layer the compiler materialises to certify it (:mod:`.residual`)
 _GATED_LIMIT = 2048
+#: what a node inside a Fourier-domain region evaluates to (the region is bounded at its exit)
+_IN_REGION = object()
 
 
 def _float(value: Any) -> float:
@@ -72,6 +75,7 @@ class Evaluator(fx.Interpreter):
         self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
         self._first_placeholder = True
         self._gates: dict[str, dict[str, LinearOperator]] = {}  # monotone activations: their input's form
+        self._regions = {node: region for region in recording.regions for node in region.nodes}
 
     # -- the API rules use -----------------------------------------------------------------
     def shape(self, node: fx.Node | None = None, part: int | None = None) -> Shape:
@@ -318,6 +322,8 @@ class Evaluator(fx.Interpreter):
     def _input_dependent(self, n: fx.Node) -> Any:
         if not n.users:
             return None  # dead code: nothing reads it (side effects were checked before)
+        if n in self._regions:
+            return self._region_value(n, self._regions[n])
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if n.op == "call_module":
             module = self.fetch_attr(n.target)
@@ -333,6 +339,28 @@ class Evaluator(fx.Interpreter):
         result = self.apply(rule, args, kwargs, module)
         self._check_result(n, result)
         return self._gated_residual(result) if isinstance(result, Tracked) and self._gates else result
+
+    def _region_value(self, n: fx.Node, region: Region) -> Any:
+        """Inside a Fourier-domain region, a marker; at its exit, the region's linear map applied to
+        its source (:mod:`.spectral`)."""
+        if region.refusal is not None:
+            self.fail(f"a Fourier transform of an input-dependent tensor starts a stretch the compiler cannot read "
+                      f"as one linear map: {region.refusal}",
+                      "keep only linear ops (permutes, reshapes, products with constants) between the FFT and the "
+                      "inverse FFT, or apply the layer as a convolution with the equivalent kernel")
+        if n not in region.exits:
+            return _IN_REGION
+        source = self.env[region.source]
+        constants = {a: self.env[a] for node in region.nodes for a in nodes_in((node.args, node.kwargs))
+                     if a not in self._regions and a is not region.source}
+        op = RegionMap(region, n, constants, source.shape, self.shape(), EXAMPLE_BATCH, self.dtype)
+        if op.too_large:
+            self.fail(f"the Fourier-domain region has {max(math.prod(op.in_shape), math.prod(op.out_shape))} "
+                      f"entries per example; the compiler materialises regions of at most {REGION_LIMIT}",
+                      "certify at a smaller input size")
+        result = self.linear(source, op)
+        self._check_result(n, result)
+        return result
 
     def _check_dtype(self, key: str) -> None:
         dtype = self.recording.dtypes.get(key)

@@ -61,21 +61,6 @@ def attention(ev, *args, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
                    FIX_ATTENTION)
 
 
-#: the Fourier transforms: FFT-parameterised convolutions (Cayley, LOT, BRO, Sandwich) apply them to
-#: the input, per frequency, with the batch moved out of dim 0
-FFT_FUNCTIONS = tuple(getattr(torch.fft, name) for name in (
-    "fft", "ifft", "fft2", "ifft2", "fftn", "ifftn", "rfft", "irfft", "rfft2", "irfft2", "rfftn", "irfftn", "hfft",
-    "ihfft"))
-
-
-@register_rule(*FFT_FUNCTIONS)
-def fourier(ev, input, *args, s=None, dim=None, norm=None, n=None):
-    ev.fail("a Fourier transform of an input-dependent tensor (an FFT-parameterised convolution) has no rule: its "
-            "complex per-frequency products are not bounded yet",
-            "apply the layer as a convolution with the equivalent kernel (torch.fft.irfft2 of the weights, computed "
-            "from the parameters only), or with circular padding and F.conv2d")
-
-
 @register_module_rule(nn.LSTM, nn.GRU, nn.RNN, nn.Transformer, nn.TransformerEncoderLayer,
                       nn.TransformerDecoderLayer, nn.TransformerEncoder, inputs=("args",))
 def recurrent_module(ev, module, *args):
