@@ -2,7 +2,8 @@
 
 import torch
 
-from certify_fx.bounds.operators import Conv2d, Dense, Identity, Scale, Sum, add, compose, materialize
+from certify_fx.bounds.operators import (Concat, Conv2d, Dense, Identity, Reshape, Scale, Select, Sum, add, compose,
+                                         materialize, materialized_bound)
 
 
 def _check_same(folded, reference, in_shape):
@@ -71,3 +72,36 @@ def test_unfoldable_sum_is_bounded_by_triangle_inequality():
     assert isinstance(total, Sum)
     exact = torch.linalg.matrix_norm(materialize(total), 2).item()
     assert total.upper_bound().value >= exact
+
+
+def _padded_conv(seed: int, channels: int = 4, size: int = 6) -> Conv2d:
+    g = torch.Generator().manual_seed(seed)
+    return Conv2d((channels, size, size), torch.randn(channels, channels, 3, 3, generator=g) * 0.3, (1, 1), (1, 1, 1, 1))
+
+
+def test_a_residual_branch_on_a_shared_value_folds_into_one_kernel():
+    """P + R P = (I + R) P: bounded as one kernel (||I + R|| ||P||), not 1 + ||R|| (triangle)."""
+    p, r = _padded_conv(0), _padded_conv(1)
+    summed = add(p, compose(r, p))
+    assert isinstance(summed, Conv2d) or not isinstance(summed, Sum)
+    assert torch.allclose(materialize(summed), materialize(Sum([p, compose(r, p)])), atol=1e-9)
+    bound, fold = summed.upper_bound().value, add(Identity(p.out_shape), r)  # I + R as one kernel
+    assert bound >= materialized_bound(summed).value * (1 - 1e-9)
+    assert bound <= fold.upper_bound().value * p.upper_bound().value * (1 + 1e-9)
+    assert bound < (1 + r.upper_bound().value) * p.upper_bound().value  # the triangle inequality's bound
+
+
+def test_the_halves_of_one_map_stacked_again_are_bounded_by_that_map():
+    """cat of selections of P's output (MinMax's halves): sqrt(most copies) ||P||, exactly ||P|| for
+    disjoint halves, where the generic stack bound is sqrt(2) ||P||."""
+    p = _padded_conv(2)
+    halves = [compose(Select(p.out_shape, (2, 6, 6), (slice(a, a + 2),)), p) for a in (0, 2)]
+    stacked = Concat(p.in_shape, (4, 6, 6), halves, [2, 2], 0)
+    assert abs(stacked.upper_bound().value - p.upper_bound().value) <= 1e-9 * p.upper_bound().value
+    assert stacked.upper_bound().value >= materialized_bound(stacked).value * (1 - 1e-9)
+    copied = Concat(p.in_shape, (4, 6, 6), [halves[0], halves[0]], [2, 2], 0)  # one half twice: sqrt(2)
+    assert abs(copied.upper_bound().value - 2 ** 0.5 * p.upper_bound().value) <= 1e-6
+    assert copied.upper_bound().value >= materialized_bound(copied).value * (1 - 1e-9)
+    reshaped = Concat(p.in_shape, (1, 4, 6, 6), [compose(Reshape((2, 6, 6), (1, 2, 6, 6)), h) for h in halves], [2, 2],
+                      1)
+    assert reshaped.upper_bound().value >= materialized_bound(reshaped).value * (1 - 1e-9)

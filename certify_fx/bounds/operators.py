@@ -522,12 +522,43 @@ class Concat(LinearOperator):
         return total if total is not None else y.new_zeros(y.shape[0], *self.in_shape)
 
     def upper_bound(self):
+        shared = self._shared_selection()
+        if shared is not None:
+            return shared
         bounds = [op.upper_bound() for op in self.parts if op is not None]
         return NormBound(
             math.sqrt(sum(b.value**2 for b in bounds)),
             all(b.sound for b in bounds),
             "+".join(sorted({b.method for b in bounds})) or "exact",
         )
+
+    def _shared_selection(self) -> NormBound | None:
+        """Parts that are one shared map ``P`` followed by selections of its entries (the halves of
+        a conv's output stacked for MinMax, ``cat([max(a, b), min(a, b)])`` of one sorted pair):
+        each output is one entry of ``P``'s output, so the stack is ``S P`` with ``S`` a selection
+        whose norm is exactly the square root of the most copies of one entry (1 for disjoint
+        parts, a permutation), and ``||S P|| <= sqrt(copies) ||P||``."""
+        parts = [_steps(op) for op in self.parts if op is not None]
+        if not parts:
+            return None
+        shared = 0
+        while all(len(p) > shared and p[shared] is parts[0][shared] for p in parts):
+            shared += 1
+        rests = [p[shared:] for p in parts]
+        if not all(isinstance(o, _SELECTIONS) for rest in rests for o in rest):
+            return None
+        prefix = parts[0][:shared]
+        shape = prefix[-1].out_shape if prefix else self.in_shape
+        counts = torch.zeros(1, *shape)
+        for rest in rests:
+            y = torch.ones(1, *(rest[-1].out_shape if rest else shape))
+            for op in reversed(rest):
+                y = op.adjoint(y)
+            counts = counts + y
+        bound = exact(math.sqrt(float(counts.max())))
+        for op in prefix:
+            bound = bound * op.upper_bound()
+        return bound
 
     def to(self, dtype):
         return replace(self, parts=[None if op is None else op.to(dtype) for op in self.parts])
@@ -664,8 +695,30 @@ def _merge_convs(convs: list[Conv2d]) -> Conv2d | None:
     return merged if merged.out_shape == first.out_shape else None
 
 
+def _steps(op: LinearOperator) -> list[LinearOperator]:
+    return list(op.ops) if isinstance(op, Compose) else [op]
+
+
+#: operators whose every output entry is one input entry (norm 1, adjoint a scatter)
+_SELECTIONS = (Identity, Select, Reshape, Permute)
+
+
 def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
-    """``a + b`` (both of one input), folded into one operator wherever that is exact."""
+    """``a + b`` (both of one input), folded into one operator wherever that is exact: a common
+    first step is factored out (``P + R P = (I + R) P``, a residual branch on a shared value)."""
+    first_a, first_b = _steps(a), _steps(b)
+    shared = 0
+    while shared < min(len(first_a), len(first_b)) and first_a[shared] is first_b[shared]:
+        shared += 1
+    if shared and not isinstance(first_a[0], Identity):
+        prefix = first_a[:shared]
+        shape = prefix[-1].out_shape
+        rest_a = Compose(first_a[shared:]) if len(first_a) > shared + 1 else (
+            first_a[shared] if len(first_a) > shared else Identity(shape))
+        rest_b = Compose(first_b[shared:]) if len(first_b) > shared + 1 else (
+            first_b[shared] if len(first_b) > shared else Identity(shape))
+        inner = prefix[0] if len(prefix) == 1 else Compose(prefix)
+        return compose(add(rest_a, rest_b), inner)
     ops = _flatten(Sum, [a, b])
     like = next((op.weight for op in ops if isinstance(op, Conv2d)), None)
     convs = [c for op in ops if (c := _as_conv(op, like)) is not None]
