@@ -149,6 +149,35 @@ class CayleyFFTStyle(nn.Module):
         return self.head(_maxmin(y))
 
 
+class LOTStyle(nn.Module):
+    """LOT (Xu et al.): per-frequency V (V^H V)^-1/2 by Newton-Schulz on the weights, applied with
+    an einsum in the Fourier domain (the batch stays in front)."""
+
+    nominal = 1.0
+
+    def __init__(self, channels: int = SHAPE[0], steps: int = 30) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) * 0.3 + torch.eye(channels)[..., None, None])
+        self.steps = steps
+        self.head = _Head(channels * SHAPE[1] * SHAPE[2])
+
+    def _qfft(self, n: int) -> torch.Tensor:
+        v = torch.fft.rfft2(self.weight, s=(n, n)).permute(2, 3, 0, 1)  # (n, n//2+1, cout, cin)
+        gram = v.conj().transpose(-1, -2) @ v
+        scale = torch.linalg.matrix_norm(gram, ord="fro")[..., None, None]
+        y, z = gram / scale, torch.eye(v.shape[-1], dtype=v.dtype).expand_as(gram)
+        for _ in range(self.steps):  # y -> (G/s)^(1/2), z -> (G/s)^(-1/2)
+            t = 0.5 * (3 * torch.eye(v.shape[-1], dtype=v.dtype) - z @ y)
+            y, z = y @ t, t @ z
+        return v @ z / scale.sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        xfft = torch.fft.rfft2(x)
+        yfft = torch.einsum("hwoi,bihw->bohw", self._qfft(n), xfft)
+        return self.head(_groupsort2(torch.fft.irfft2(yfft, s=(n, n))))
+
+
 class FFTAbsStyle(nn.Module):
     """The modulus of the input's spectrum: not a linear map of the input (refused)."""
 
@@ -308,6 +337,7 @@ STAND_INS = {
     "liresnet": LiResNetStyle, "soc": SOCStyle, "cayley_dense": CayleyDenseStyle, "bcop": BCOPStyle,
     "aol": AOLStyle, "sll": SLLStyle, "cpl": CPLStyle, "torchlip": TorchlipStyle, "orthogonium": OrthogoniumStyle,
     "sandwich": SandwichStyle, "shape_branch": ShapeBranchStyle, "cayley_fft": CayleyFFTStyle,
+    "lot": LOTStyle,
 }
 #: stand-ins certify-fx refuses, each with the op its one-line refusal must name
 REFUSED = {"fft_abs": (FFTAbsStyle, "rfft2")}
