@@ -203,3 +203,19 @@ def test_the_cli_bounds_a_model_file_symbolic_tracing_cannot_follow(tmp_path):
     assert data["sound"] and data["penultimate"] <= 1 + 1e-5
     symbolic = subprocess.run(command + ["--capture", "symbolic"], capture_output=True, text=True, timeout=600)
     assert symbolic.returncode != 0 and "--capture auto" in symbolic.stderr
+
+
+def test_a_fourier_stretch_with_an_input_dependent_index_is_refused():
+    class Gather(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2 * 4 * 3 * 2, 4)
+
+        def forward(self, x):
+            spectrum = torch.fft.rfft2(x)
+            index = spectrum.real.flatten(1).argmax(1) % 3  # picks frequencies by the input's values
+            picked = spectrum[torch.arange(x.shape[0])[:, None], :, :, index[:, None]]
+            return self.fc(torch.view_as_real(torch.fft.ifft(picked)).flatten(1))
+
+    with pytest.raises(cfx.CertifyFxError, match="node '"):
+        cfx.bound(Gather().eval(), (2, 4, 4), estimate_steps=0)

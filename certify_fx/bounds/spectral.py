@@ -124,6 +124,9 @@ def _check(region: Region, dependence: dict[fx.Node, Dependence], members: set[f
             return f"'{node.name}' combines the Fourier-domain values with '{outside[0].name}', computed outside"
         if name in _PRODUCTS and len(carried) > 1:
             return f"'{node.name}' ({name}) multiplies two input-dependent values"
+        if (name in _STRUCTURAL or name in FFT_NAMES) and any(a not in nodes_in(node.args[:1]) for a in carried):
+            # an index, a size or a shift computed from the input would make the map nonlinear
+            return f"'{node.name}' ({name}) takes an input-dependent value other than the one it rearranges"
         if name in ("div", "__truediv__", "truediv", "divide", "true_divide") and (
                 len(node.args) < 2 or node.args[1] in carried):
             return f"'{node.name}' divides by an input-dependent value"
