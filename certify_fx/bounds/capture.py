@@ -177,37 +177,34 @@ def _attribute(model: nn.Module, target: str, fallback: nn.Module) -> Any:
     raise CertifyFxError(f"torch.export's graph reads '{target}', which neither the model nor the export holds")
 
 
-def capture(model: nn.Module, input_shape: tuple[int, ...] | None = None, mode: CaptureMode = "auto",
-            on_fallback: Any = None) -> fx.GraphModule:
+def capture(model: nn.Module, input_shape: tuple[int, ...] | None = None,
+            mode: CaptureMode = "auto") -> fx.GraphModule:
     """``model`` as a GraphModule (returned as is if it already is one), and put back whatever
     capturing wrote into it (a forward that assigns an attribute leaves a ``torch.fx.Proxy`` there;
     fx stores tensor constants on the root).
 
     ``mode`` ``"auto"`` traces symbolically and, where that fails, captures with ``torch.export``
-    at ``input_shape`` (``"symbolic"``, ``"export"``: only that path). ``on_fallback(error)`` is
-    told when ``"auto"`` falls back.
+    at ``input_shape``; ``"symbolic"`` and ``"export"`` take only that path.
     """
     if mode not in CAPTURE_MODES:
         raise CertifyFxError(f"capture must be one of {', '.join(CAPTURE_MODES)}; got {mode!r}")
     if isinstance(model, fx.GraphModule):
         return model
+    if mode == "export" and input_shape is None:
+        raise CertifyFxError("capture='export' needs the input shape")
     state = ModuleState(model)
     try:
-        if mode == "export" or input_shape is None:
-            if mode == "export":
-                if input_shape is None:
-                    raise CertifyFxError("capture='export' needs the input shape")
-                return export_graph(model, input_shape)
-            return trace(model)
+        if mode == "export":
+            return export_graph(model, input_shape)
         try:
             return trace(model)
         except TraceError as symbolic_error:
             if mode == "symbolic":
                 raise TraceError(f"{symbolic_error}; or let torch.export capture it (capture='auto' or 'export'; "
                                  "CLI: --capture auto)") from symbolic_error
-            state.restore()
-            if on_fallback is not None:
-                on_fallback(symbolic_error)
+            if input_shape is None:
+                raise
+            state.restore()  # what the failed trace wrote into the model
             try:
                 return export_graph(model, input_shape)
             except TraceError as export_error:
