@@ -219,3 +219,21 @@ def test_a_fourier_stretch_with_an_input_dependent_index_is_refused():
 
     with pytest.raises(cfx.CertifyFxError, match="node '"):
         cfx.bound(Gather().eval(), (2, 4, 4), estimate_steps=0)
+
+
+def test_python_wrappers_with_the_schemas_parameters_are_read_by_position():
+    # aten.split.Tensor(self, split_size, dim) is Tensor.split(self, split_size, dim), a Python method
+    assert aten.torch_form(torch.ops.aten.split.Tensor, 3) is not None
+
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2 * 4 * 4, 4)
+
+        def forward(self, x):
+            a, b = x.split(1, dim=1)
+            return self.fc(torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1).flatten(1))
+
+    model = Split().eval()
+    exported = cfx.bound(model, (2, 4, 4), estimate_steps=0, capture="export")
+    assert torch.allclose(exported.margin, cfx.bound(model, (2, 4, 4), estimate_steps=0, capture="symbolic").margin)

@@ -167,13 +167,16 @@ def _schema_names(op: torch._ops.OpOverload) -> list[str]:
 
 def _matches_by_name(fn: Callable, names: list[str], used: int) -> bool:
     """Whether the Python function ``fn`` takes the schema's first ``used`` arguments at the same
-    positions, by name."""
+    positions, by name (the tensor an op is called on, ``self`` in the schema, may have any name:
+    ``Tensor.split(self, ...)``, ``torch.functional.split(tensor, ...)``)."""
     try:
-        params = [p for p in inspect.signature(fn).parameters.values()
+        params = [p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         return False
-    return len(params) >= used and all(p.name == n for p, n in zip(params[:used], names[:used]))
+    if params and names and names[0] == "input":
+        params[0] = "input"
+    return len(params) >= used and params[:used] == names[:used]
 
 
 def _candidates(name: str) -> list[tuple[str, Any]]:
