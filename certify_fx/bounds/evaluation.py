@@ -42,6 +42,24 @@ def _float(value: Any) -> float:
     return float(value.detach().max()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _may_be_gated(b_op: LinearOperator, c_op: LinearOperator) -> bool:
+    """A cheap necessary condition for ``B = -C^T S`` with ``S >= 0`` diagonal, before
+    materialising (ResNet blocks fail it at once): then ``B^T u = -S C u``, so the ratio
+    ``-(B^T u)_j / (C u)_j`` is the same ``s_j >= 0`` for two random ``u``."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, *b_op.out_shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        bt_u = b_op.to(torch.float64).adjoint(u).reshape(2, -1)
+        c_u = c_op.to(torch.float64).apply(u.reshape(2, *c_op.in_shape)).reshape(2, -1)
+    if bt_u.shape != c_u.shape:
+        return False
+    scale = c_u.abs().max().clamp_min(1e-300)
+    usable = (c_u.abs() > 1e-6 * scale).all(0)
+    ratios = -bt_u[:, usable] / c_u[:, usable]
+    tol = 1e-6 * (1 + ratios.abs().max()) if ratios.numel() else 0.0
+    return bool((ratios >= -tol).all() and ((ratios[0] - ratios[1]).abs() <= tol).all())
+
+
 class Evaluator(fx.Interpreter):
     """Abstract interpreter computing Lipschitz bounds; the rules (:mod:`.rules`) extend it.
 
@@ -278,7 +296,7 @@ class Evaluator(fx.Interpreter):
             if a_op is None or source == gate:
                 continue
             n, h = math.prod(a_op.in_shape), math.prod(b_op.in_shape)
-            if math.prod(a_op.out_shape) != n or max(n, h) > _GATED_LIMIT:
+            if math.prod(a_op.out_shape) != n or max(n, h) > _GATED_LIMIT or not _may_be_gated(b_op, c_op):
                 continue
             result = gated_residual_bound(materialize(a_op), materialize(b_op), materialize(c_op))
             if result is None or result[1] > STRUCTURE_TOLERANCE:
