@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .norms import SAFETY
+from .norms import SAFETY, dense_norm_bound
 
 __all__ = ["gated_residual_bound", "STRUCTURE_TOLERANCE"]
 
@@ -42,11 +42,7 @@ STRUCTURE_TOLERANCE = 1e-6
 
 
 def _norm(matrix: torch.Tensor) -> float:
-    if not matrix.numel():
-        return 0.0
-    m, n = matrix.shape
-    gram = matrix @ matrix.T if m <= n else matrix.T @ matrix
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()) * (1 + SAFETY)
+    return dense_norm_bound(matrix).value  # exact in float64, rounded up
 
 
 def gated_residual_bound(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[float, float] | None:
