@@ -105,3 +105,23 @@ def test_the_halves_of_one_map_stacked_again_are_bounded_by_that_map():
     reshaped = Concat(p.in_shape, (1, 4, 6, 6), [compose(Reshape((2, 6, 6), (1, 2, 6, 6)), h) for h in halves], [2, 2],
                       1)
     assert reshaped.upper_bound().value >= materialized_bound(reshaped).value * (1 - 1e-9)
+
+
+def test_a_conv_without_padding_after_any_conv_folds_into_one_exact_conv():
+    generator = torch.Generator().manual_seed(0)
+    folded = 0
+    for _ in range(60):
+        c1, c2, c3, k1, k2 = (int(v) for v in torch.randint(1, 5, (5,), generator=generator))
+        s1, s2 = (int(v) for v in torch.randint(1, 3, (2,), generator=generator))
+        pads = tuple(int(v) for v in torch.randint(0, 3, (4,), generator=generator))
+        n = k1 + k2 + int(torch.randint(0, 6, (1,), generator=generator))
+        inner = Conv2d((c1, n, n + 1), torch.randn(c2, c1, k1, k1, generator=generator), (s1, s1), pads)
+        if min(inner.out_shape[1:]) < k2:
+            continue
+        outer = Conv2d(inner.out_shape, torch.randn(c3, c2, k2, k2, generator=generator), (s2, s2))
+        op = compose(outer, inner)
+        assert isinstance(op, Conv2d)
+        x = torch.randn(3, c1, n, n + 1, generator=generator)
+        torch.testing.assert_close(op.apply(x), outer.apply(inner.apply(x)), rtol=1e-4, atol=1e-4)
+        folded += 1
+    assert folded > 30

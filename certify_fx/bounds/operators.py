@@ -649,6 +649,14 @@ def _fold_convs(inner: Conv2d, outer: Conv2d) -> Conv2d | None:
         w1 = inner.dense_weight()[:, :, 0, 0]
         weight = torch.einsum("omkl,mi->oikl", w2, w1)
         return Conv2d(inner.in_shape, weight, outer.stride, outer.padding, outer.dilation, 1)
+    # A conv without padding after any conv reads only values the inner conv computed from the
+    # (padded) input: the two are one conv whose kernel is the outer kernel's taps, spaced by the
+    # inner stride, over the inner kernel (a factored LiResNet branch whose padding sits first).
+    if not any(outer.padding) and inner.dilation == outer.dilation == (1, 1):
+        weight = F.conv_transpose2d(outer.dense_weight(), inner.dense_weight(), stride=inner.stride)
+        stride = (inner.stride[0] * outer.stride[0], inner.stride[1] * outer.stride[1])
+        folded = Conv2d(inner.in_shape, weight, stride, inner.padding)
+        return folded if folded.out_shape == outer.out_shape else None
     return None
 
 

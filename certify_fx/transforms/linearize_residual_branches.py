@@ -6,13 +6,16 @@ inside each residual branch, folds its BatchNorm/Affine layers and composes its 
 the single equivalent conv (a bottleneck 1x1∘3x3∘1x1 becomes one 3x3, two 3x3 convs one 5x5;
 composition ignores the zero padding between them, so borders change). Then
 
-* an identity-shortcut block becomes ``LiResNetBlock`` (``x + beta/sqrt(L) * Conv(x)``), with
-  ``beta = sqrt(L)`` so it equals ``x + Conv(x)`` with the composed weights; or, for a bottleneck
-  (every conv but one pointwise) when it has fewer parameters, ``LinearBottleneck``: the branch's
-  convs kept as they are (BatchNorm folded in), bounded as exactly as the composed conv
-  (``bottleneck="auto"``, the default; ``"composed"`` or ``"factored"`` force one form);
-* a downsampling block (strided or projection shortcut) becomes one strided transition conv,
-  the sum of the shortcut and the branch;
+* an identity-shortcut block becomes ``LinearBottleneck`` when keeping the branch's convs has
+  fewer parameters than the composed conv (a bottleneck 1x1-3x3-1x1; two 3x3 convs, 18 c^2 weights
+  against 25 c^2): the convs as they are (BatchNorm folded in), with all the zero padding moved onto
+  the first one so that the chain is exactly the composed conv and is bounded as exactly; else
+  ``LiResNetBlock`` (``x + beta/sqrt(L) * Conv(x)``) with the composed conv and ``beta = sqrt(L)``,
+  so it equals ``x + Conv(x)`` (``bottleneck="auto"``, the default; ``"composed"`` or
+  ``"factored"`` force one form);
+* a downsampling block (strided or projection shortcut) becomes a ``LinearBottleneck`` with the
+  shortcut conv when that has fewer parameters, else one strided transition conv, the sum of the
+  shortcut and the branch;
 * token blocks (ViT MLPs) just lose their activations; the folding passes then make
   ``x + fc2(fc1(x))`` one dense layer.
 
@@ -183,18 +186,40 @@ def _factored(gm: fx.GraphModule, units: list[fx.Node], channels: int) -> list[_
     return maps
 
 
-def _bottleneck(gm: fx.GraphModule, branch: list[fx.Node], composed: _Affine, channels: int,
-                form: str) -> LinearBottleneck | None:
-    """A factored block when asked, or when it is an exactly bounded bottleneck with fewer parameters."""
+def _padding_first(maps: list[_Affine], padding: int) -> list[_Affine]:
+    """The chain with all of its zero padding on its first conv that is not a stride-1 pointwise
+    one, and none after: then every conv after it reads only values computed from the padded input,
+    so the chain is exactly the composed conv (kernel, stride, padding and bias), which the bound
+    compiler folds it into. (Each conv padding its own input would put zeros between them.)"""
+    first = next((i for i, m in enumerate(maps) if m.weight.shape[-1] > 1 or m.stride > 1), 0)
+    return [_Affine(m.weight, m.bias, m.stride, padding if i == first else 0) for i, m in enumerate(maps)]
+
+
+def _bottleneck(gm: fx.GraphModule, block: _Block, branch: list[fx.Node], composed: _Affine, single: int,
+                form: str, shortcut: _Affine | None = None) -> LinearBottleneck | None:
+    """The branch as its own convs (exactly the composed conv) plus the shortcut, when asked or when
+    that has fewer parameters than the ``single`` conv it replaces (a bottleneck 1x1-3x3-1x1; two
+    3x3 convs: 18 c^2 weights against 25 c^2 composed; a downsampling block: 9 c^2 + 18 c^2 + 2 c^2
+    against 98 c^2 for one 7x7 conv)."""
     if form == "composed":
         return None
-    maps = _factored(gm, branch, channels)
+    in_shape, out_shape = block.source.meta["shape"], block.add.meta["shape"]
+    maps = _factored(gm, branch, in_shape[1])
     if maps is None or len(maps) < 2:
         return None
-    exact = sum(m.weight.shape[-1] > 1 for m in maps) <= 1  # pointwise convs fold exactly
-    if form == "auto" and (not exact or sum(m.weight.numel() for m in maps) >= composed.weight.numel()):
+    size = sum(m.weight.numel() for m in maps) + (shortcut.weight.numel() if shortcut is not None else 0)
+    if form == "auto" and size >= single:
         return None
-    return LinearBottleneck([_conv_module(m.weight, m.bias, m.stride, m.padding) for m in maps])
+    maps = _padding_first(maps, composed.padding)
+    module = LinearBottleneck([_conv_module(m.weight, m.bias, m.stride, m.padding) for m in maps],
+                              None if shortcut is None else
+                              _conv_module(shortcut.weight, shortcut.bias, shortcut.stride, shortcut.padding))
+    with torch.no_grad():
+        try:
+            fits = tuple(module(torch.zeros(1, *in_shape[1:])).shape) == (1, *out_shape[1:])
+        except RuntimeError:  # branch and shortcut disagree on the output size
+            fits = False
+    return module if fits else None
 
 
 def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int, bottleneck: str = "auto"
@@ -211,7 +236,7 @@ def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int, bottle
         return None
     identity = not block.shortcut
     if identity and main.stride == 1 and k % 2 == 1 and main.padding == k // 2 and in_shape[1] == out_shape[1]:
-        factored = _bottleneck(gm, branch, main, in_shape[1], bottleneck)
+        factored = _bottleneck(gm, block, branch, main, main.weight.numel(), bottleneck)
         if factored is not None:
             return [factored], f"LinearBottleneck({factored.extra_repr()})"
         lires = LiResNetBlock(in_shape[1], num_blocks, kernel_size=k)
@@ -226,6 +251,9 @@ def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int, bottle
     merged = add_operators(*ops)
     if not isinstance(merged, ConvOp) or tuple(merged.out_shape) != tuple(out_shape[1:]):
         return None
+    factored = _bottleneck(gm, block, branch, main, merged.weight.numel(), bottleneck, short)
+    if factored is not None:
+        return [factored], f"LinearBottleneck({factored.extra_repr()}, projection shortcut)"
     constant = (main.bias + short.bias).view(1, -1, 1, 1).expand(1, *out_shape[1:])
     modules = module_for(merged, constant)
     if modules is None:
@@ -246,14 +274,14 @@ def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: st
             for module in modules:
                 current = gm.graph.call_module(add_submodule(gm, add.name + ".block", module), (current,))
         add.replace_all_uses_with(current)
-        output = current
+        output = replacement_module = current
     else:
         # keep the layers, drop the activations: the branch becomes linear
         for node in block.branch:
             if is_activation(gm, node):
                 node.replace_all_uses_with(tensor_args(node)[0])
                 gm.graph.erase_node(node)
-        output, after = add, "x + linear branch"
+        output, after, replacement_module = add, "x + linear branch", None
     users = list(output.users)
     if not (len(users) == 1 and is_activation(gm, users[0])):
         act = sorting_activation(add.meta["shape"], activation)
@@ -264,7 +292,7 @@ def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: st
             after += f" -> {type(act).__name__}"
     log_rewrite(gm, "linearize_residual_branches", add.name,
                 f"x + branch({len(block.branch)} nodes) with {len(block.shortcut) or 'identity'} shortcut",
-                after, True)
+                after, True, replacement_module.target if replacement_module is not None else "")
 
 
 @conversion_pass(changes_function=True, parameters={"activation": ACTIVATION, "bottleneck": BOTTLENECK},

@@ -145,6 +145,17 @@ def rescale_layers(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> fx.Graph
                 _scale_parameters(module, c, s_in * c)
                 scale[node] = s_in * c
                 continue
+            if isinstance(module, LinearBottleneck) and module.shortcut is not None and len(inputs) == 1:
+                # shortcut(x) + convs(x): divide the shortcut and the branch's last conv by the block's norm
+                c = estimate_linear_norm(module, tuple(node.all_input_nodes[0].meta["shape"][1:]))
+                c = c if math.isfinite(c) and c > 1.0 else 1.0
+                for conv in module.branch[:-1]:
+                    if conv.bias is not None:
+                        conv.bias.div_(s_in)
+                for conv in (module.branch[-1], module.shortcut):
+                    _scale_parameters(conv, c, s_in * c)
+                scale[node] = s_in * c
+                continue
             if isinstance(module, (LiResNetBlock, LinearBottleneck)) and len(inputs) == 1:
                 # x + convs(x): the identity cannot be divided; keep the block, rescale its biases alike
                 for conv in (module.conv,) if isinstance(module, LiResNetBlock) else module.branch:

@@ -283,13 +283,15 @@ def liresnet_block_module(ev, module, input):
 
 @register_module_rule(cnn.LinearBottleneck)
 def linear_bottleneck_module(ev, module, input):
-    """``x + convs(x)``: each conv of the branch through its own rule (the rule table decides what a
-    conv, a transposed conv or anything else is); the compiler folds pointwise convs exactly, then
-    the identity joins the composed kernel (one conv, bounded exactly)."""
+    """``shortcut(x) + convs(x)``: the shortcut (identity when None) and each conv of the branch
+    through its own rule (the rule table decides what a conv, a transposed conv or anything else
+    is); the compiler folds the chain exactly where it can, then the shortcut joins the composed
+    kernel (one conv, bounded exactly)."""
     if type(module.branch) is not nn.Sequential:
         ev.fail(f"LinearBottleneck's branch is a {type(module.branch).__qualname__}, not an nn.Sequential",
                 "keep the branch an nn.Sequential of convolutions")
     branch = input
     for part in module.branch:
         branch = ev.apply_module(part, branch)
-    return _sum(ev, input, branch)
+    shortcut = input if module.shortcut is None else ev.apply_module(module.shortcut, input)
+    return _sum(ev, shortcut, branch)
