@@ -15,20 +15,22 @@ whose source is Python code is imported only with ``trust_source=True``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .data import first_images
 from .errors import CertifyFxError, CheckpointError, RecipeError
 from .model_spec import ModelSpec
-from .recipe import Recipe, recipe_dataset_info
+from .recipe import Recipe, build_split, recipe_dataset_info
 from .transforms.convert import convert, convert_structure
 from .weights import CONVERTED_FORMAT, load_weights, read_payload, save_payload
 
-__all__ = ["CONVERTED_VERSION", "ModelRecord", "build_model", "load_converted", "read_converted", "save_converted"]
+__all__ = ["CONVERTED_VERSION", "ModelRecord", "build_model", "build_teacher", "calibration_images", "load_converted",
+           "read_converted", "save_converted"]
 
 #: the version of the converted-model file layout this certify-fx writes and reads
 CONVERTED_VERSION = 1
@@ -92,17 +94,20 @@ class ModelRecord:
         """
         return self.convert(self.spec.build(trust_source), weights=weights, structure_only=structure_only)
 
-    def convert(self, model: nn.Module, *, weights: str | Path | None = None, structure_only: bool = False) -> nn.Module:
+    def convert(self, model: nn.Module, *, weights: str | Path | None = None, structure_only: bool = False,
+                calibration_data: torch.Tensor | None = None) -> nn.Module:
         """``model`` (the source, built from ``spec``) with ``weights`` loaded, then converted as
-        recorded (see :meth:`build`)."""
+        recorded (see :meth:`build`), calibrated to the source on ``calibration_data`` if given."""
         if weights is not None:
             load_weights(model, weights)
         if self.conversion is None:
             return model
         options = {k: v for k, v in self.conversion.items() if k not in ("to", "input_shape")}
-        build = convert_structure if structure_only else convert
-        return build(model.eval(), to=self.conversion["to"], input_shape=self.conversion["input_shape"],
-                     check=not structure_only, **options)
+        if structure_only:
+            return convert_structure(model.eval(), to=self.conversion["to"], input_shape=self.conversion["input_shape"],
+                                     **options)
+        return convert(model.eval(), to=self.conversion["to"], input_shape=self.conversion["input_shape"],
+                       calibration_data=calibration_data, **options)
 
     def load(self, state: Mapping[str, torch.Tensor], trust_source: bool = False, where: str = "the file") -> nn.Module:
         """The model's structure rebuilt (:meth:`build` with ``structure_only``) and ``state`` loaded strictly."""
@@ -144,7 +149,34 @@ def build_model(recipe: Recipe, *, source_weights: bool = True, trust_source: bo
         source = record.spec.build(trust_source)
     except CertifyFxError as exc:
         raise RecipeError(f"recipe key 'model': {exc}") from None
-    return record.convert(source, weights=weights, structure_only=not source_weights)
+    images = (calibration_images(recipe, recipe.model.calibration)
+              if weights is not None and record.conversion is not None and recipe.model.calibration else None)
+    return record.convert(source, weights=weights, structure_only=not source_weights, calibration_data=images)
+
+
+def build_teacher(recipe: Recipe, trust_source: bool = False,
+                  state: Mapping[str, torch.Tensor] | None = None) -> nn.Module | None:
+    """The recipe's distillation teacher (``distill.teacher``: the unconverted source model with
+    those weights, in eval mode and without gradients), or None. ``state``: the teacher's weights
+    as a checkpoint saved them (a resumed run), read instead of the file."""
+    weights = recipe.distill.teacher_weights(recipe.model)
+    if weights is None:
+        return None
+    record = ModelRecord.from_recipe(recipe)
+    try:
+        teacher = record.spec.build(trust_source)
+    except CertifyFxError as exc:
+        raise RecipeError(f"recipe key 'model': {exc}") from None
+    if state is not None:
+        teacher.load_state_dict(state)
+    else:
+        load_weights(teacher, weights)
+    return teacher.eval().requires_grad_(False)
+
+
+def calibration_images(recipe: Recipe, count: int) -> torch.Tensor:
+    """The first ``count`` images of the recipe's training split, without augmentation."""
+    return first_images(build_split(replace(recipe, data=replace(recipe.data, augment=[])), "train"), count)
 
 
 def save_converted(gm: nn.Module, path: str | Path, source: ModelSpec | Mapping[str, Any]) -> None:

@@ -28,6 +28,7 @@ from .transforms.convert import CONVERT_OPTIONS, TARGETS
 __all__ = [
     "BoundConfig",
     "DataConfig",
+    "DistillConfig",
     "EpsConfig",
     "LossConfig",
     "ModelConfig",
@@ -69,6 +70,9 @@ class ModelConfig:
     checkpoint: str | None = None
     convert: str = "none"  #: liresnet | lipschitz-vit | lipschitz | none
     convert_options: dict = field(default_factory=dict)  #: keyword options of certify_fx.convert
+    #: when the recipe converts a model with source weights, fit the converted model to the source
+    #: on this many training images first (:func:`certify_fx.transforms.calibrate`); 0: off
+    calibration: int = 512
 
 
 @dataclass
@@ -125,6 +129,26 @@ class BoundConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from the source while certifying: the loss gains ``weight * T^2 KL(softmax(teacher
+    / T) || softmax(student / T))``; the teacher runs in eval mode without gradients."""
+
+    #: ``auto``: the recipe's ``model.checkpoint`` in the unconverted source model, when the recipe
+    #: converts a model with source weights; a file of the kinds ``model.checkpoint`` takes; ``none``
+    teacher: str = "auto"
+    weight: float = 1.0
+    temperature: float = 4.0
+
+    def teacher_weights(self, model: ModelConfig) -> str | None:
+        """The teacher's weights file for a recipe's ``model`` section, or None (no distillation)."""
+        if self.teacher in ("none", "") or self.weight == 0:
+            return None
+        if self.teacher == "auto":
+            return model.checkpoint if model.convert != "none" and model.checkpoint else None
+        return self.teacher
+
+
+@dataclass
 class Recipe:
     """Everything that defines a training run; a checkpoint stores it, so a run can be resumed
     and certified without the YAML file."""
@@ -143,6 +167,7 @@ class Recipe:
     eps: EpsConfig = field(default_factory=EpsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     bound: BoundConfig = field(default_factory=BoundConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -239,6 +264,11 @@ def _validate(r: Recipe) -> None:
             raise RecipeError(f"recipe key {key!r} must be >= 1, got {value}")
     if r.checkpoint_every_steps < 0:
         raise RecipeError(f"recipe key 'checkpoint_every_steps' must be >= 0, got {r.checkpoint_every_steps}")
+    if r.model.calibration < 0:
+        raise RecipeError(f"recipe key 'model.calibration' must be >= 0 (images; 0: off), got {r.model.calibration}")
+    if r.distill.weight < 0 or r.distill.temperature <= 0:
+        raise RecipeError(f"recipe keys 'distill.weight' must be >= 0 and 'distill.temperature' > 0, got "
+                          f"{r.distill.weight} and {r.distill.temperature}")
     if r.eps.eps < 0 or r.optim.lr <= 0 or r.bound.power_steps < 0:
         raise RecipeError("eps.eps must be >= 0, optim.lr > 0 and bound.power_steps >= 0")
 

@@ -19,7 +19,8 @@ EXAMPLES = """\
 examples:
   certify-fx convert resnet50 --to liresnet -o r50.pt   rewrite a timm ResNet into a LiResNet
   certify-fx convert resnet18 --in-chans 1 --num-classes 10 --input-size 1,28,28 \
-      --weights runs/fm_resnet18_ce/checkpoint.pt -o fm.pt  convert trained weights
+      --weights runs/fm_resnet18_ce/checkpoint.pt --calibrate fashion_mnist -o fm.pt
+                                                    convert trained weights, fitted back to the source
   certify-fx bound r50.pt                           bound a converted model saved by convert
   certify-fx bound runs/fmnist/checkpoint.pt        bound a training checkpoint's model
   certify-fx bound resnet18                         timm model, random weights, eval mode
@@ -121,10 +122,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model, shape = loaded.model, _input_shape(loaded, args.input_size)
     from certify_fx.progress import progress_display
 
+    images = None
+    if args.calibrate:
+        from certify_fx.data import build_dataset, first_images
+
+        images = first_images(build_dataset(args.calibrate, "train", args.root), args.calibration_images)
+        if tuple(images.shape[1:]) != tuple(shape):
+            raise cfx.CertifyFxError(f"--calibrate {args.calibrate}: its images have shape {tuple(images.shape[1:])}, "
+                                     f"the model takes {tuple(shape)}")
     with progress_display() as progress:
         converted = cfx.convert(model, to=args.to, input_shape=shape, activation=args.activation,
                                 bottleneck=args.bottleneck, max_pool=args.max_pool, rescale=args.rescale,
-                                progress=progress)
+                                progress=progress, calibration_data=images)
     table = Table(title=f"rewrite log: {args.model} -> {args.to}")
     table.add_column("pass", no_wrap=True, min_width=27)
     table.add_column("node", no_wrap=True)
@@ -260,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-rescale", dest="rescale", action="store_false",
                    help="keep the weights' scale (by default each linear layer is divided by its estimated norm "
                         "where above 1, so the model starts with a sane bound)")
+    c.add_argument("--calibrate", default=None, metavar="DATASET",
+                   help="fit the converted model to the source on the first training images of DATASET (e.g. "
+                        "fashion_mnist; no labels used), so it keeps what the source learned; the log gives each "
+                        "block's fit error and the agreement with the source's predictions")
+    c.add_argument("--calibration-images", type=int, default=512, metavar="N",
+                   help="how many images --calibrate fits on (default 512)")
+    c.add_argument("--root", default=None, help="the --calibrate dataset's folder (default: its standard location)")
     c.add_argument("-o", "--output", default=None,
                    help="save the converted model here (.safetensors or .pt; read back without running code)")
     c.add_argument("--no-bound", action="store_true", help="skip computing the bound (it can take minutes)")

@@ -321,3 +321,20 @@ def test_squeeze_excitation_gates_become_per_channel_scales():
     assert not any("SEModule" in type(m).__name__ for m in converted.modules())  # gates gone (scales fold into convs)
     b = cfx.bound(converted, (1, 16, 16), estimate_steps=0)
     assert b.sound and b.finite
+
+
+def test_factored_basic_blocks_compute_and_bound_exactly_the_composed_conv():
+    from certify_fx.nn import LinearBottleneck
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", **{**TINY, "layers": [2, 2, 1, 1]}).eval()
+    shape = (1, 16, 16)
+    forms = {f: cfx.convert(source, to="liresnet", input_shape=shape, bottleneck=f, rescale=False).eval()
+             for f in ("composed", "auto")}
+    blocks = [m for m in forms["auto"].modules() if isinstance(m, LinearBottleneck)]
+    assert blocks and all(len(b.branch) == 2 and b.branch[1].padding == (0, 0) for b in blocks)
+    assert sum(p.numel() for p in forms["auto"].parameters()) < sum(p.numel() for p in forms["composed"].parameters())
+    x = torch.rand(5, *shape)
+    torch.testing.assert_close(forms["auto"](x), forms["composed"](x), rtol=1e-4, atol=1e-5)
+    k = {f: cfx.bound(m, shape, estimate_steps=0).margin for f, m in forms.items()}
+    torch.testing.assert_close(k["auto"], k["composed"], rtol=1e-5, atol=0)

@@ -128,8 +128,8 @@ LIRESNET_BLOCKS = {"resnet18": 5, "resnet34": 13, "resnet50": 12, "resnet101": 2
 _SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34"] + [pytest.param(n, marks=_SLOW) for n in (
-    "resnet50", "resnet101", "resnet26d", "wide_resnet50_2", "resnetv2_50")])
+@pytest.mark.parametrize("name", ["resnet18"] + [pytest.param(n, marks=_SLOW) for n in (
+    "resnet34", "resnet50", "resnet101", "resnet26d", "wide_resnet50_2", "resnetv2_50")])
 def test_resnets_convert_to_liresnet_keep_stages_and_bound(name):
     shape = (3, 64, 64)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
@@ -168,7 +168,8 @@ class _Block(nn.Module):
         return x + self.conv3(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))))
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224"] + [pytest.param(n, marks=_SLOW) for n in (
+    "deit_tiny_patch16_224", "vit_small_patch16_224")])
 def test_vits_convert_to_lipschitz_vit(name):
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     converted = cfx.convert(model, to="lipschitz-vit")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch.utils.data import Dataset
 
 from .augment import AUGMENTATIONS, build_transform
@@ -40,6 +41,7 @@ __all__ = [
     "build_dataset",
     "build_transform",
     "dataset_info",
+    "first_images",
     "read_idx",
     "two_moons",
 ]
@@ -120,3 +122,11 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, augment
     resize = None if split == "train" or name == "tinyimagenet" else int(info.img_size * 8 / 7)
     transform = build_transform(info.img_size, augment, crop_padding, resize=resize)
     return image_folder(root, split, transform)
+
+
+def first_images(dataset: Dataset, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``dataset`` stacked into one batch (labels dropped): a fixed,
+    reproducible sample, e.g. the calibration set of :func:`certify_fx.transforms.calibrate`."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])

@@ -22,6 +22,7 @@ import torch
 from .cll import calibrated_sigma, cll
 from .crc_lip import crc_lip, curvature_penalty
 from .cross_entropy import cross_entropy
+from .distill import distillation
 from .emma import emma
 from .gloro import GloRo, bottom_logit, gloro_ce, gloro_logits, trades
 
@@ -38,6 +39,7 @@ __all__ = [
     "create_loss",
     "cross_entropy",
     "curvature_penalty",
+    "distillation",
     "emma",
     "gloro_ce",
     "gloro_logits",

@@ -30,8 +30,8 @@ from ..bounds import bound as bound_model
 from ..certificates import evaluate_certified
 from ..errors import RecipeError, UnsupportedNodeError
 from ..files import atomic_write_text
-from ..losses import MARGIN_FREE_LOSSES, GloRo, create_loss, needs_features
-from ..model_record import build_model
+from ..losses import MARGIN_FREE_LOSSES, GloRo, create_loss, distillation, needs_features
+from ..model_record import build_model, build_teacher
 from ..progress import ProgressLike, progress_display
 from ..recipe import Recipe, build_split, recipe_dataset_info, recipe_from_dict
 from ..schedules import eps_schedule, linear_ramp, lr_scheduler
@@ -125,6 +125,10 @@ class Trainer:
         self.info = recipe_dataset_info(recipe)
         # Source weights are read at the start of a run only; a resumed run restores its own.
         self.model = build_model(recipe, source_weights=state is None, trust_source=trust_source).to(device)
+        # the teacher's weights travel in the checkpoint: resuming needs only the run's own files
+        self.teacher = build_teacher(recipe, trust_source, state.get("teacher") if state is not None else None)
+        if self.teacher is not None:
+            self.teacher.to(device)
         self.gloro = (GloRo(self.model, recipe.eps.eps, self.info.input_shape, recipe.bound.power_steps)
                       if recipe.loss.name not in MARGIN_FREE_LOSSES else None)
         self.head_loss = needs_features(recipe.loss.name)
@@ -194,6 +198,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "processes": processes,
+            **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {}),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -268,6 +273,9 @@ class Trainer:
                 logits, margin, features = self.ddp(x)
                 context = {"features": features, "head": self.model.get_classifier()} if self.head_loss else {}
                 loss = self.loss_fn(logits, y, margin, eps_t, **context, **self._loss_options(t))
+                if self.teacher is not None:
+                    loss = loss + r.distill.weight * distillation(logits, self._teacher_logits(x),
+                                                                  r.distill.temperature)
                 loss_value = loss.item()  # the one host sync for the loss per step
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; "
@@ -308,6 +316,12 @@ class Trainer:
         loss_sum, correct, count = all_reduce_sum([sums["loss_sum"], sums["correct"], sums["count"]], self.ctx)
         return {"loss": loss_sum / count, "train_accuracy": correct / count, "eps_train": eps_t,
                 "K_estimate": k_max, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = self.recipe.amp and x.device.type == "cuda"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext():
+            return self.teacher(x).float()
 
     def _until_stopped(self, batches: Iterator) -> Iterator:
         """``batches``, ending early when a stop signal has also ended the data-loader workers

@@ -23,14 +23,18 @@ from .replace_activations import replace_activations
 from .replace_gates import replace_gates
 from .replace_max_pool import replace_max_pool
 from .rescale_layers import rescale_layers
+from .calibrate import BlockFit, Calibration, calibrate
 from .split_norm_act import split_norm_act
 
 __all__ = [
+    "BlockFit",
+    "Calibration",
     "ConvertedModel",
     "PIPELINES",
     "Rewrite",
     "TARGETS",
     "attention_to_spatial_mlp",
+    "calibrate",
     "check_supported",
     "convert",
     "fold_batchnorm",

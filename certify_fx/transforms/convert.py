@@ -25,6 +25,7 @@ from ..progress import ProgressLike
 from . import (attention_to_spatial_mlp, fold_batchnorm, fold_linear_chains, fold_linear_residuals,  # noqa: F401
                linearize_residual_branches, remove_normalization, replace_activations, replace_gates,
                replace_max_pool, rescale_layers, split_norm_act)  # registers the passes
+from .calibrate import calibrate
 from .converted_model import ConvertedModel
 from .log import rewrite_log
 from .passes import PASSES, Option, check_order, options_of, resolve_options, run_passes
@@ -76,6 +77,7 @@ def convert(
     input_shape: Sequence[int] | None = None,
     check: bool = True,
     progress: ProgressLike | None = None,
+    calibration_data: torch.Tensor | None = None,
     **options: Any,
 ) -> ConvertedModel:
     """Rewrite ``model`` into a certifiable GraphModule (a normal, trainable ``nn.Module``).
@@ -93,6 +95,11 @@ def convert(
         check: verify that :func:`certify_fx.bound` accepts the result (cheap, structural).
         progress: a progress display (:func:`certify_fx.progress.progress_display`) to show one
             step per pass on.
+        calibration_data: a batch of inputs (a few hundred training images; no labels): after the
+            structural passes, every replaced block and the classifier are refitted to what the
+            source computed on them (:func:`~certify_fx.transforms.calibrate`), so the converted
+            model keeps what the source learned; fit errors and agreement with the source's
+            predictions are logged.
         options: the passes' options (:data:`CONVERT_OPTIONS`): ``activation`` (``"minmax"`` or
             ``"groupsort"``), ``bottleneck`` (``"auto"`` keeps a bottleneck branch's convs factored
             when that has fewer parameters than the composed conv, bounded as exactly;
@@ -114,7 +121,16 @@ def convert(
     gm.eval()
     rewrite_log(gm)
     task = progress.add_task(f"convert to {to}", total=len(PIPELINES[to]) + check, info="") if progress else None
-    gm = run_passes(gm, PIPELINES[to], shape, chosen, progress, task)
+    names = PIPELINES[to]
+    if calibration_data is not None:
+        # the fit needs the model the passes made; rescaling after it keeps its predictions
+        cut = names.index("rescale_layers") if "rescale_layers" in names else len(names)
+        gm = run_passes(gm, names[:cut], shape, chosen, progress, task)
+        if task is not None:
+            progress.update(task, info="calibrate")
+        calibrate(gm, model, calibration_data.to(next(gm.parameters()).device), progress=progress)
+        names = names[cut:]
+    gm = run_passes(gm, names, shape, chosen, progress, task)
     if task is not None:
         progress.update(task, info="check_supported")
     gm.input_shape = shape

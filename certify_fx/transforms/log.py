@@ -14,6 +14,8 @@ class Rewrite:
     """One rewrite: ``pass_name`` replaced ``before`` at ``node`` by ``after``.
 
     ``changes_function`` is False for exact rewrites (outputs equal up to float round-off).
+    ``replacement`` names the module that now computes what ``node`` computed in the source, where
+    one does (calibration fits it to the source's value there).
     """
 
     pass_name: str
@@ -21,6 +23,7 @@ class Rewrite:
     before: str
     after: str
     changes_function: bool
+    replacement: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,5 +38,6 @@ def rewrite_log(gm: fx.GraphModule) -> list[Rewrite]:
     return log
 
 
-def log_rewrite(gm: fx.GraphModule, pass_name: str, node: str, before: str, after: str, changes_function: bool) -> None:
-    rewrite_log(gm).append(Rewrite(pass_name, node, before, after, changes_function))
+def log_rewrite(gm: fx.GraphModule, pass_name: str, node: str, before: str, after: str, changes_function: bool,
+                replacement: str = "") -> None:
+    rewrite_log(gm).append(Rewrite(pass_name, node, before, after, changes_function, replacement))
