@@ -115,8 +115,25 @@ class ModelRecord:
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
+            older = self._composed_blocks(state, trust_source)  # saved before basic blocks were factored
+            if older is not None:
+                return older
             raise CheckpointError(f"{where}: the weights do not fit {self.name} (saved by another certify-fx or "
                                   f"timm version?): {str(exc).splitlines()[0]}") from None
+        return model
+
+    def _composed_blocks(self, state: Mapping[str, torch.Tensor], trust_source: bool) -> nn.Module | None:
+        """The model with ``state`` loaded as certify-fx 0.1.0 converted it (a basic or
+        downsampling block as one composed conv under ``bottleneck="auto"``, kernels untrimmed),
+        if that fits."""
+        if self.conversion is None or "trim" in self.conversion or self.conversion.get("bottleneck", "auto") != "auto":
+            return None
+        older = replace(self, conversion={**self.conversion, "bottleneck": "composed", "trim": False})
+        model = older.build(trust_source, structure_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            return None
         return model
 
     @property

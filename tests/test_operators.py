@@ -125,3 +125,21 @@ def test_a_conv_without_padding_after_any_conv_folds_into_one_exact_conv():
         torch.testing.assert_close(op.apply(x), outer.apply(inner.apply(x)), rtol=1e-4, atol=1e-4)
         folded += 1
     assert folded > 30
+
+
+def test_trimming_dead_kernel_taps_keeps_the_map():
+    generator = torch.Generator().manual_seed(1)
+    trimmed = 0
+    for _ in range(80):
+        c, k, s = (int(v) for v in torch.randint(1, 4, (3,), generator=generator))
+        k = 2 * k + 1
+        n = int(torch.randint(1, 5, (1,), generator=generator))
+        pads = tuple(int(v) for v in torch.randint(0, k, (4,), generator=generator))
+        op = Conv2d((c, n, n + 1), torch.randn(2, c, k, k, generator=generator), (s, s), pads)
+        if min(op.out_shape[1:]) < 1:
+            continue
+        small = op.trimmed()
+        x = torch.randn(3, c, n, n + 1, generator=generator)
+        torch.testing.assert_close(small.apply(x), op.apply(x))
+        trimmed += small.weight.numel() < op.weight.numel()
+    assert trimmed > 20

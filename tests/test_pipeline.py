@@ -338,3 +338,31 @@ def test_factored_basic_blocks_compute_and_bound_exactly_the_composed_conv():
     torch.testing.assert_close(forms["auto"](x), forms["composed"](x), rtol=1e-4, atol=1e-5)
     k = {f: cfx.bound(m, shape, estimate_steps=0).margin for f, m in forms.items()}
     torch.testing.assert_close(k["auto"], k["composed"], rtol=1e-5, atol=0)
+
+
+def test_a_model_converted_with_composed_basic_blocks_still_loads(tmp_path):
+    """Files written before basic blocks were factored and kernels trimmed (one 5x5 conv per block) load."""
+    from certify_fx.model_record import ModelRecord
+
+    source = timm.create_model("resnet18", **{**TINY, "layers": [2, 1, 1, 1]}).eval()
+    older = cfx.convert(source, to="liresnet", input_shape=(1, 16, 16), bottleneck="composed", trim=False)
+    record = ModelRecord(cfx.ModelSpec.parse("resnet18").with_kwargs(**{**TINY, "layers": [2, 1, 1, 1]}),
+                         {"to": "liresnet", "bottleneck": "auto", "input_shape": [1, 16, 16]}, (1, 16, 16))
+    loaded = record.load(older.state_dict())
+    x = torch.rand(3, 1, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x), older.eval()(x))
+
+
+def test_trimming_dead_kernel_taps_keeps_the_function_and_the_bound():
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", **{**TINY, "layers": [2, 2, 2, 2]}).eval()
+    shape = (1, 16, 16)  # the last stage sees 1x1 maps: a 5x5 kernel there is its centre tap
+    full, trimmed = (cfx.convert(source, to="liresnet", input_shape=shape, trim=t, rescale=False).eval()
+                     for t in (False, True))
+    log = [r for r in trimmed.rewrite_log if r.pass_name == "trim_kernels"]
+    assert log and not any(r.changes_function for r in log)
+    assert sum(p.numel() for p in trimmed.parameters()) < sum(p.numel() for p in full.parameters())
+    x = torch.rand(6, *shape)
+    torch.testing.assert_close(trimmed(x), full(x), rtol=1e-4, atol=1e-5)
+    k = [cfx.bound(m, shape, estimate_steps=0).margin for m in (full, trimmed)]
+    torch.testing.assert_close(k[1], k[0], rtol=1e-4, atol=0)

@@ -7,7 +7,7 @@ from torch import nn
 
 import certify_fx as cfx
 from certify_fx.errors import CertifyFxError, TraceError, UnsupportedNodeError
-from certify_fx.nn import LiResNetBlock
+from certify_fx.nn import LinearBottleneck, LiResNetBlock
 from certify_fx.bounds.capture import trace
 from certify_fx.transforms import (fold_batchnorm, fold_linear_chains, fold_linear_residuals, rewrite_log,
                                    split_norm_act)
@@ -100,8 +100,8 @@ def test_user_model_converts_and_bounds(to):
     assert not targets & {torch.relu, F.relu, F.gelu, F.silu, "relu"}
     passes = {r.pass_name for r in converted.rewrite_log}
     assert "replace_activations" in passes
-    if to == "liresnet":
-        assert any(isinstance(m, LiResNetBlock) for m in converted.modules())
+    if to == "liresnet":  # the nested residual became a linear one, composed or factored
+        assert any(isinstance(m, (LiResNetBlock, LinearBottleneck)) for m in converted.modules())
     # the input model is untouched
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
@@ -116,8 +116,8 @@ def _residual_outputs(model: nn.Module, shape) -> list[tuple[int, ...]]:
     out = []
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        # converted blocks: LiResNet blocks and transition convs the linearize pass named "*_block*"
-        is_block = isinstance(module, (LiResNetBlock, nn.Conv2d)) and "_block" in str(node.target)
+        # converted blocks: linear residual blocks and transition convs the linearize pass named "*_block*"
+        is_block = isinstance(module, (LiResNetBlock, LinearBottleneck, nn.Conv2d)) and "_block" in str(node.target)
         if is_add(node) or is_block:
             out.append(tuple(node.meta["shape"][1:]))
     return out
@@ -137,7 +137,8 @@ def test_resnets_convert_to_liresnet_keep_stages_and_bound(name):
     result = cfx.bound(converted, shape, estimate_steps=0)
     assert result.sound and torch.isfinite(result.margin).all()
     assert _residual_outputs(model, shape) == _residual_outputs(converted, shape)
-    blocks = [m for m in converted.modules() if isinstance(m, LiResNetBlock)]
+    blocks = [m for m in converted.modules() if isinstance(m, LiResNetBlock) or
+              isinstance(m, LinearBottleneck) and m.shortcut is None]  # identity-shortcut linear blocks
     assert len(blocks) == LIRESNET_BLOCKS[name]
 
 

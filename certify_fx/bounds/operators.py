@@ -312,6 +312,26 @@ class Conv2d(LinearOperator):
     def is_pointwise(self) -> bool:
         return self.weight.shape[-2:] == (1, 1) and not any(self.padding)
 
+    def trimmed(self) -> "Conv2d":
+        """The same map without the kernel taps that only ever read zero padding (a 7x7 stride-2
+        kernel on a 2x2 map reads the input through a 2x2 window), or ``self``."""
+        if self.dilation != (1, 1):
+            return self
+        weight, padding = self.weight, list(self.padding)
+        for axis in (0, 1):
+            size, kernel, stride = self.in_shape[1 + axis], weight.shape[2 + axis], self.stride[axis]
+            before, after = padding[2 * axis], padding[2 * axis + 1]
+            first = max(0, before - stride * (self.out_shape[1 + axis] - 1))
+            last = min(kernel - 1, before + size - 1)
+            if last < first:
+                return self
+            weight = weight.narrow(2 + axis, first, last - first + 1)
+            padding[2 * axis], padding[2 * axis + 1] = before - first, after - (kernel - 1 - last)
+        if weight.shape == self.weight.shape:
+            return self
+        trimmed = replace(self, weight=weight, padding=tuple(padding), out_shape=())
+        return trimmed if trimmed.out_shape == self.out_shape else self
+
     def dense_weight(self) -> torch.Tensor:
         """The kernel with groups expanded into a block-diagonal full kernel."""
         if self.groups == 1:

@@ -24,7 +24,7 @@ from ..errors import ConversionOptionError, UnsupportedNodeError
 from ..progress import ProgressLike
 from . import (attention_to_spatial_mlp, fold_batchnorm, fold_linear_chains, fold_linear_residuals,  # noqa: F401
                linearize_residual_branches, remove_normalization, replace_activations, replace_gates,
-               replace_max_pool, rescale_layers, split_norm_act)  # registers the passes
+               replace_max_pool, rescale_layers, split_norm_act, trim_kernels)  # registers the passes
 from .calibrate import calibrate
 from .converted_model import ConvertedModel
 from .log import rewrite_log
@@ -36,13 +36,13 @@ __all__ = ["convert", "convert_structure", "CONVERT_OPTIONS", "PIPELINES", "TARG
 PIPELINES: dict[str, list[str]] = {
     "liresnet": ["split_norm_act", "fold_batchnorm", "replace_gates", "linearize_residual_branches",
                  "replace_activations", "fold_linear_residuals", "fold_linear_chains", "remove_normalization",
-                 "replace_max_pool", "rescale_layers"],
+                 "replace_max_pool", "trim_kernels", "rescale_layers"],
     "lipschitz-vit": ["split_norm_act", "fold_batchnorm", "replace_gates", "remove_normalization",
                       "attention_to_spatial_mlp", "linearize_residual_branches", "replace_activations",
                       "fold_linear_chains", "fold_linear_residuals", "rescale_layers"],
     "lipschitz": ["split_norm_act", "fold_batchnorm", "replace_gates", "remove_normalization",
                   "attention_to_spatial_mlp", "replace_activations", "fold_linear_residuals", "fold_linear_chains",
-                  "replace_max_pool", "rescale_layers"],
+                  "replace_max_pool", "trim_kernels", "rescale_layers"],
 }
 TARGETS = tuple(PIPELINES)
 for _names in PIPELINES.values():

@@ -42,6 +42,7 @@ from .graph import (add_submodule, annotate_shapes, drop_passthrough, finalize, 
 from .log import log_rewrite
 from .passes import Option, conversion_pass
 from .replace_activations import ACTIVATION, sorting_activation
+from .trim_kernels import forward_cost
 
 __all__ = ["linearize_residual_branches"]
 
@@ -195,25 +196,35 @@ def _padding_first(maps: list[_Affine], padding: int) -> list[_Affine]:
     return [_Affine(m.weight, m.bias, m.stride, padding if i == first else 0) for i, m in enumerate(maps)]
 
 
-def _bottleneck(gm: fx.GraphModule, block: _Block, branch: list[fx.Node], composed: _Affine, single: int,
-                form: str, shortcut: _Affine | None = None) -> LinearBottleneck | None:
+def _cost(modules: list[nn.Module], size: tuple[int, int]) -> int:
+    """Multiply-adds per example of a conv (after a zero padding, if any) on a map of ``size``."""
+    if isinstance(modules[0], nn.ZeroPad2d):
+        left, right, top, bottom = modules[0].padding
+        size = (size[0] + top + bottom, size[1] + left + right)
+    return forward_cost([modules[-1]], size)
+
+
+def _bottleneck(gm: fx.GraphModule, block: _Block, branch: list[fx.Node], composed: _Affine,
+                single: list[nn.Module], form: str, shortcut: _Affine | None = None) -> LinearBottleneck | None:
     """The branch as its own convs (exactly the composed conv) plus the shortcut, when asked or when
-    that has fewer parameters than the ``single`` conv it replaces (a bottleneck 1x1-3x3-1x1; two
-    3x3 convs: 18 c^2 weights against 25 c^2 composed; a downsampling block: 9 c^2 + 18 c^2 + 2 c^2
-    against 98 c^2 for one 7x7 conv)."""
+    that costs fewer multiply-adds per example than the ``single`` conv it replaces (both counted
+    with the kernel taps that read the input only, as :mod:`.trim_kernels` leaves them). A
+    bottleneck 1x1-3x3-1x1 always; two 3x3 convs on large maps (18 c^2 against 25 c^2 taps), not
+    on maps of a few pixels, where the first conv's padded output costs more than it saves."""
     if form == "composed":
         return None
     in_shape, out_shape = block.source.meta["shape"], block.add.meta["shape"]
     maps = _factored(gm, branch, in_shape[1])
     if maps is None or len(maps) < 2:
         return None
-    size = sum(m.weight.numel() for m in maps) + (shortcut.weight.numel() if shortcut is not None else 0)
-    if form == "auto" and size >= single:
-        return None
     maps = _padding_first(maps, composed.padding)
-    module = LinearBottleneck([_conv_module(m.weight, m.bias, m.stride, m.padding) for m in maps],
-                              None if shortcut is None else
-                              _conv_module(shortcut.weight, shortcut.bias, shortcut.stride, shortcut.padding))
+    convs = [_conv_module(m.weight, m.bias, m.stride, m.padding) for m in maps]
+    extra = None if shortcut is None else _conv_module(shortcut.weight, shortcut.bias, shortcut.stride, shortcut.padding)
+    size = tuple(in_shape[-2:])
+    cost = forward_cost(convs, size) + (forward_cost([extra], size) if extra is not None else 0)
+    if form == "auto" and cost >= _cost(single, size):
+        return None
+    module = LinearBottleneck(convs, extra)
     with torch.no_grad():
         try:
             fits = tuple(module(torch.zeros(1, *in_shape[1:])).shape) == (1, *out_shape[1:])
@@ -236,7 +247,8 @@ def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int, bottle
         return None
     identity = not block.shortcut
     if identity and main.stride == 1 and k % 2 == 1 and main.padding == k // 2 and in_shape[1] == out_shape[1]:
-        factored = _bottleneck(gm, block, branch, main, main.weight.numel(), bottleneck)
+        single = [_conv_module(main.weight, main.bias, 1, main.padding)]
+        factored = _bottleneck(gm, block, branch, main, single, bottleneck)
         if factored is not None:
             return [factored], f"LinearBottleneck({factored.extra_repr()})"
         lires = LiResNetBlock(in_shape[1], num_blocks, kernel_size=k)
@@ -251,13 +263,13 @@ def _conv_replacement(gm: fx.GraphModule, block: _Block, num_blocks: int, bottle
     merged = add_operators(*ops)
     if not isinstance(merged, ConvOp) or tuple(merged.out_shape) != tuple(out_shape[1:]):
         return None
-    factored = _bottleneck(gm, block, branch, main, merged.weight.numel(), bottleneck, short)
-    if factored is not None:
-        return [factored], f"LinearBottleneck({factored.extra_repr()}, projection shortcut)"
     constant = (main.bias + short.bias).view(1, -1, 1, 1).expand(1, *out_shape[1:])
     modules = module_for(merged, constant)
     if modules is None:
         return None
+    factored = _bottleneck(gm, block, branch, main, modules, bottleneck, short)
+    if factored is not None:
+        return [factored], f"LinearBottleneck({factored.extra_repr()}, projection shortcut)"
     conv = modules[-1]
     return modules, f"transition Conv2d {conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x" \
                     f"{conv.kernel_size[1]} s{conv.stride[0]}"
