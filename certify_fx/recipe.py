@@ -71,8 +71,9 @@ class ModelConfig:
     convert: str = "none"  #: liresnet | lipschitz-vit | lipschitz | none
     convert_options: dict = field(default_factory=dict)  #: keyword options of certify_fx.convert
     #: when the recipe converts a model with source weights, fit the converted model to the source
-    #: on this many training images first (:func:`certify_fx.transforms.calibrate`); 0: off
-    calibration: int = 512
+    #: on this many training images first (:func:`certify_fx.transforms.calibrate`; memory grows with
+    #: images x activation size); 0: off
+    calibration: int = 2048
 
 
 @dataclass
@@ -136,8 +137,8 @@ class DistillConfig:
     #: ``auto``: the recipe's ``model.checkpoint`` in the unconverted source model, when the recipe
     #: converts a model with source weights; a file of the kinds ``model.checkpoint`` takes; ``none``
     teacher: str = "auto"
-    weight: float = 1.0
-    temperature: float = 4.0
+    weight: float = 0.5
+    temperature: float = 1.0
 
     def teacher_weights(self, model: ModelConfig) -> str | None:
         """The teacher's weights file for a recipe's ``model`` section, or None (no distillation)."""

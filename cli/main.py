@@ -133,7 +133,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with progress_display() as progress:
         converted = cfx.convert(model, to=args.to, input_shape=shape, activation=args.activation,
                                 bottleneck=args.bottleneck, max_pool=args.max_pool, rescale=args.rescale,
-                                progress=progress, calibration_data=images)
+                                trim=args.trim, spatial_mlp=args.spatial_mlp, progress=progress,
+                                calibration_data=images)
     table = Table(title=f"rewrite log: {args.model} -> {args.to}")
     table.add_column("pass", no_wrap=True, min_width=27)
     table.add_column("node", no_wrap=True)
@@ -258,14 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target family (default liresnet; use lipschitz-vit for ViTs)")
     c.add_argument("--input-size", type=input_shape_argument, default=None, metavar="C,H,W",
                    help="input shape without batch (default: the model's config)")
-    c.add_argument("--activation", choices=["minmax", "groupsort"], default="minmax",
-                   help="the sorting activation put in place of ReLU, GELU, ...: minmax (pairs) or groupsort (groups "
-                        "of 4)")
+    c.add_argument("--activation", choices=["minmax", "groupsort", "relu"], default="minmax",
+                   help="the activation put in place of ReLU, GELU, ...: minmax (pairs), groupsort (groups of 4), or "
+                        "relu (keep the model's own activations)")
     c.add_argument("--bottleneck", choices=["auto", "composed", "factored"], default="auto",
                    help="a bottleneck branch's convs: auto (factored when that has fewer parameters), composed or "
                         "factored")
+    c.add_argument("--spatial-mlp", choices=["pure", "projected"], default="pure",
+                   help="attention becomes token mixing of the residual stream, x + T x, bounded exactly (pure), or "
+                        "keeps its value and output projections (projected)")
     c.add_argument("--max-pool", choices=["keep", "conv"], default="keep",
                    help="overlapping max-pools: keep (bounded by sqrt of the overlap) or replace by a strided conv")
+    c.add_argument("--no-trim", dest="trim", action="store_false",
+                   help="keep kernel taps that only read zero padding (by default they are dropped: same function, "
+                        "same bound, less work)")
     c.add_argument("--no-rescale", dest="rescale", action="store_false",
                    help="keep the weights' scale (by default each linear layer is divided by its estimated norm "
                         "where above 1, so the model starts with a sane bound)")
@@ -273,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the converted model to the source on the first training images of DATASET (e.g. "
                         "fashion_mnist; no labels used), so it keeps what the source learned; the log gives each "
                         "block's fit error and the agreement with the source's predictions")
-    c.add_argument("--calibration-images", type=int, default=512, metavar="N",
-                   help="how many images --calibrate fits on (default 512)")
+    c.add_argument("--calibration-images", type=int, default=2048, metavar="N",
+                   help="how many images --calibrate fits on (default 2048; memory grows with images x "
+                        "activation size)")
     c.add_argument("--root", default=None, help="the --calibrate dataset's folder (default: its standard location)")
     c.add_argument("-o", "--output", default=None,
                    help="save the converted model here (.safetensors or .pt; read back without running code)")

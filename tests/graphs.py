@@ -485,6 +485,20 @@ def _(r):
     return (lambda x, m: m(x.flatten(2).transpose(1, 2)).transpose(1, 2).unflatten(2, (4, 4))), mix
 
 
+@op("token_mixing_residual", "linear.token_mixing_module shape.flatten shape.transpose shape.unflatten", linear=True)
+def _(r):
+    """``t + T t`` on tokens: the identity joins the token map conjugated by a transpose (exact fold)."""
+    mix = cnn.TokenMixing(16, bias=r.random() < 0.5)
+    with torch.no_grad():
+        mix.weight.copy_(_randn(r, 16, 16) * r.choice([0.1, 0.5]))
+
+    def residual(x, m):
+        tokens = x.flatten(2).transpose(1, 2)
+        return (tokens + m(tokens)).transpose(1, 2).unflatten(2, (4, 4))
+
+    return residual, mix
+
+
 @op("liresnet_block", "linear.liresnet_block_module", linear=True)
 def _(r):
     block = cnn.LiResNetBlock(4)

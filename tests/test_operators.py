@@ -2,8 +2,8 @@
 
 import torch
 
-from certify_fx.bounds.operators import (Concat, Conv2d, Dense, Identity, Reshape, Scale, Select, Sum, add, compose,
-                                         materialize, materialized_bound)
+from certify_fx.bounds.operators import (Concat, Conv2d, Dense, Identity, Permute, Reshape, Scale, Select, Sum, add,
+                                         compose, materialize, materialized_bound)
 
 
 def _check_same(folded, reference, in_shape):
@@ -143,3 +143,18 @@ def test_trimming_dead_kernel_taps_keeps_the_map():
         torch.testing.assert_close(small.apply(x), op.apply(x))
         trimmed += small.weight.numel() < op.weight.numel()
     assert trimmed > 20
+
+
+def test_the_identity_plus_a_token_map_is_one_dense_map_over_tokens():
+    """``I + Q^T X Q = Q^T (I + X) Q``: bounded as ``||I + T||``, not ``1 + ||T||``."""
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        tokens, dim = (int(v) for v in torch.randint(2, 7, (2,), generator=generator))
+        weight = torch.randn(tokens, tokens, generator=generator)
+        to_last = Permute((tokens, dim), (1, 0))
+        mixing = compose(Permute((dim, tokens), (1, 0)), compose(Dense((dim, tokens), weight), to_last))
+        op = add(Identity((tokens, dim)), mixing)
+        x = torch.randn(3, tokens, dim, generator=generator)
+        torch.testing.assert_close(op.apply(x), x + mixing.apply(x))
+        exact = torch.linalg.matrix_norm(torch.eye(tokens) + weight, 2).item()
+        assert exact <= op.upper_bound().value <= exact * (1 + 1e-5)

@@ -366,3 +366,13 @@ def test_trimming_dead_kernel_taps_keeps_the_function_and_the_bound():
     torch.testing.assert_close(trimmed(x), full(x), rtol=1e-4, atol=1e-5)
     k = [cfx.bound(m, shape, estimate_steps=0).margin for m in (full, trimmed)]
     torch.testing.assert_close(k[1], k[0], rtol=1e-4, atol=0)
+
+
+def test_activation_relu_keeps_the_models_own_activations():
+    from certify_fx.nn import MinMax
+
+    source = timm.create_model("resnet18", **TINY).eval()
+    converted = cfx.convert(source, to="liresnet", input_shape=(1, 16, 16), activation="relu")
+    assert not any(isinstance(m, MinMax) for m in converted.modules())
+    assert not any(r.pass_name == "replace_activations" for r in converted.rewrite_log)
+    assert cfx.bound(converted, (1, 16, 16), estimate_steps=0).sound

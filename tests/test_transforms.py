@@ -7,7 +7,7 @@ from torch import nn
 
 import certify_fx as cfx
 from certify_fx.errors import CertifyFxError, TraceError, UnsupportedNodeError
-from certify_fx.nn import LinearBottleneck, LiResNetBlock
+from certify_fx.nn import LinearBottleneck, LiResNetBlock, TokenMixing
 from certify_fx.bounds.capture import trace
 from certify_fx.transforms import (fold_batchnorm, fold_linear_chains, fold_linear_residuals, rewrite_log,
                                    split_norm_act)
@@ -180,6 +180,27 @@ def test_vits_convert_to_lipschitz_vit(name):
     assert {"attention_to_spatial_mlp", "remove_normalization", "linearize_residual_branches"} <= passes
     targets = {n.target for n in converted.graph.nodes if n.op == "call_function"}
     assert not targets & {F.scaled_dot_product_attention, F.layer_norm, F.gelu}
+
+
+def test_a_converted_vit_block_is_bounded_exactly():
+    """Pure token mixing: a block is (I + T) over tokens then I + W over channels, bounded as the
+    product of the two exact norms (the norm of their Kronecker product)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, depth=2,
+                              num_classes=3).eval()
+    shape = (1, 16, 16)
+    converted = cfx.convert(model, to="lipschitz-vit", input_shape=shape, rescale=False)
+    mixing = converted.get_submodule("cfx_blocks_1_attn_mix")
+    dense = converted.get_submodule("cfx_add_4")  # the folded feed-forward residual: holds I + W
+    eye = torch.eye(mixing.num_tokens, dtype=torch.float64)
+    exact = (torch.linalg.matrix_norm(eye + mixing.weight.double(), 2) *
+             torch.linalg.matrix_norm(dense.weight.double(), 2)).item()
+    result = cfx.bound(converted, shape, estimate_steps=0)
+    (row,) = [r for r in result.nodes if r.node == "cfx_add_4"]  # the second block (the first holds the embedding)
+    assert exact <= row.factor <= exact * (1 + 1e-5)
+    projected = cfx.convert(model, to="lipschitz-vit", input_shape=shape, rescale=False, spatial_mlp="projected")
+    assert any(isinstance(m, TokenMixing) for m in projected.modules())
+    assert cfx.bound(projected, shape, estimate_steps=0).sound
 
 
 def test_converted_model_trains():

@@ -731,9 +731,29 @@ def _steps(op: LinearOperator) -> list[LinearOperator]:
 _SELECTIONS = (Identity, Select, Reshape, Permute)
 
 
+def _conjugated(op: LinearOperator) -> tuple[Permute, LinearOperator, Permute] | None:
+    """``op = Q^T X Q`` with ``Q`` a permutation of dims (token mixing: tokens to the last dim, a
+    dense map, back): ``(Q, X, Q^T)``, else None."""
+    steps = _steps(op)
+    if len(steps) < 3 or not isinstance(steps[0], Permute) or not isinstance(steps[-1], Permute):
+        return None
+    first, last = steps[0], steps[-1]
+    if any(first.dims[last.dims[i]] != i for i in range(len(first.dims))):
+        return None
+    middle = steps[1:-1]
+    return first, (middle[0] if len(middle) == 1 else Compose(middle)), last
+
+
 def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
     """``a + b`` (both of one input), folded into one operator wherever that is exact: a common
-    first step is factored out (``P + R P = (I + R) P``, a residual branch on a shared value)."""
+    first step is factored out (``P + R P = (I + R) P``, a residual branch on a shared value), and
+    the identity joins a map conjugated by a permutation (``I + Q^T X Q = Q^T (I + X) Q``: a token
+    mixing residual is one dense map over tokens)."""
+    for identity, other in ((a, b), (b, a)):
+        parts = _conjugated(other) if isinstance(identity, Identity) else None
+        if parts is not None:
+            first, middle, last = parts
+            return compose(last, compose(add(Identity(middle.in_shape), middle), first))
     first_a, first_b = _steps(a), _steps(b)
     shared = 0
     while shared < min(len(first_a), len(first_b)) and first_a[shared] is first_b[shared]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 __all__ = ["distillation"]
 
 
-def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``T^2 KL(softmax(teacher / T) || softmax(logits / T))``, averaged over the batch.
 
     The ``T^2`` keeps the gradient's scale independent of the temperature. The teacher's logits

@@ -59,5 +59,5 @@ def fold_linear_residuals(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> f
         new = replace_with_modules(gm, source, node, modules, node.name)
         new.meta["dynamic"] = True
         log_rewrite(gm, "fold_linear_residuals", node.name, before, " + ".join(describe_module(m) for m in modules),
-                    False)
+                    False, new.target)
     return gm

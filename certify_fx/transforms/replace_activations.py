@@ -8,6 +8,7 @@ Sorting runs over channels for (N, C, ...) tensors and over the feature dim for 
 from __future__ import annotations
 
 import torch.fx as fx
+from torch import nn
 
 from ..nn import GroupSort, MinMax
 from .graph import add_submodule, describe, is_activation, tensor_args
@@ -16,14 +17,18 @@ from .passes import Option, conversion_pass
 
 __all__ = ["replace_activations", "sorting_activation", "ACTIVATIONS"]
 
-#: the sorting activations the pass puts in place (the CLI's ``--activation`` choices)
-ACTIVATIONS = ("minmax", "groupsort")
+#: the activations the pass puts in place (the CLI's ``--activation`` choices): the sorting ones,
+#: or ``relu`` (the source's activations are kept and ReLU is what a linearised block gets after it)
+ACTIVATIONS = ("minmax", "groupsort", "relu")
 ACTIVATION = Option("activation", "minmax", ACTIVATIONS,
-                    "the sorting activation put in place of ReLU, GELU, ...: minmax (pairs) or groupsort (groups of 4)")
+                    "the activation put in place of ReLU, GELU, ...: minmax (pairs), groupsort (groups of 4), or relu "
+                    "(keep the model's own activations)")
 
 
-def sorting_activation(shape: tuple[int, ...], to: str = "minmax", group_size: int = 2) -> GroupSort | None:
-    """The MinMax/GroupSort for a tensor of ``shape`` (batch included), or None if it cannot pair."""
+def sorting_activation(shape: tuple[int, ...], to: str = "minmax", group_size: int = 2) -> nn.Module | None:
+    """The MinMax/GroupSort (or ReLU) for a tensor of ``shape`` (batch included), or None if it cannot pair."""
+    if to == "relu":
+        return nn.ReLU()
     dim = -1 if len(shape) == 3 else 1
     size = shape[dim]
     group = 2 if to == "minmax" else group_size
@@ -42,6 +47,8 @@ def replace_activations(gm: fx.GraphModule, input_shape: tuple[int, ...], to: st
     """
     if to not in ACTIVATIONS:
         raise ValueError(f"replace_activations: to must be one of {ACTIVATIONS}, got {to!r}")
+    if to == "relu":
+        return gm  # the model's own activations stay, each bounded by its rule
     for node in list(gm.graph.nodes):
         if not is_activation(gm, node):
             continue
