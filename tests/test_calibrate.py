@@ -125,3 +125,15 @@ def test_a_converting_recipe_with_source_weights_calibrates_and_distils(trained,
         trainer.close()
     assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in teacher_state.items())
     assert history[-1]["loss"] > 0 and history[-1]["sound"]
+
+
+def test_a_converted_vit_is_calibrated_block_by_block():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, depth=2,
+                              num_classes=4, embed_dim=32, num_heads=2).eval()
+    x = torch.rand(64, *SHAPE)
+    converted = cfx.convert(model, "lipschitz-vit", input_shape=SHAPE, rescale=False)
+    result = cfx.transforms.calibrate(converted, model, x)
+    assert {f.source_node for f in result.fits} >= {"add_2", "add_4", "head"}  # both blocks and the head
+    assert all(f.error_after < f.error_before for f in result.fits)
+    assert result.agreement_after > result.agreement_before

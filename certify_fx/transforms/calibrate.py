@@ -127,7 +127,7 @@ def _regression(module: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tup
     rows = [_rows(layer, value) for layer, value in zip(layers, inputs)]
     if layers[0].bias is not None:
         rows.append(rows[0].new_ones(len(rows[0]), 1))
-    goal = target.reshape(-1, target.shape[-1]) if target.ndim == 2 else \
+    goal = target.reshape(-1, target.shape[-1]) if type(layers[0]) is nn.Linear else \
         target.flatten(2).transpose(1, 2).reshape(-1, target.shape[1])
     return torch.cat(rows, 1).double(), goal.double()
 
@@ -255,8 +255,8 @@ def calibrate(converted: fx.GraphModule, source: nn.Module, images: torch.Tensor
             rows, goal = _regression(module, x, target)
             gram = rows.T @ rows if gram is None else gram + rows.T @ rows
             cross = rows.T @ goal if cross is None else cross + rows.T @ goal
-        if gram is None or norm == 0:
-            continue
+        if gram is None or norm == 0 or residual <= 1e-12 * norm:
+            continue  # nothing to fit (a layer the conversion kept, fed what the source fed it)
         _set_weights(module, _solve(gram, cross, ridge))
         after = sum((module(x) - t).double().square().sum().item()
                     for (_, x), t in zip(_module_input(converted, node, images, batch_size), targets.split(batch_size)))
