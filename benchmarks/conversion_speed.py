@@ -78,7 +78,8 @@ def main() -> None:
     for column in ("step", "parameters", "median ms", "/ source CE step"):
         table.add_column(column, justify="right")
     for name, values in times.items():
-        table.add_row(name, f"{params[name] / 1e6:.2f}M", f"{median(values) * 1e3:.0f}", f"{median(values) / reference:.2f}")
+        table.add_row(name, f"{params[name] / 1e6:.2f}M", f"{median(values) * 1e3:.0f}",
+                      f"{median(values) / reference:.2f}")
     Console().print(table)
 
 

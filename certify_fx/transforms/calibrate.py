@@ -190,15 +190,15 @@ def _anchors(converted: fx.GraphModule, source: fx.GraphModule) -> list[tuple[fx
 
 
 def _module_input(converted: fx.GraphModule, node: fx.Node, images: torch.Tensor, batch_size: int
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch: (the images, what ``node``'s module receives from the converted model)."""
+                  ) -> Iterator[torch.Tensor]:
+    """Per batch of ``images``: what ``node``'s module receives from the converted model."""
     seen: list[torch.Tensor] = []
     handle = converted.get_submodule(node.target).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try:
         with torch.no_grad():
             for batch in _batches(images, batch_size):
                 converted(batch)
-                yield batch, seen.pop()
+                yield seen.pop()
     finally:
         handle.remove()
 
@@ -246,11 +246,11 @@ def calibrate(converted: fx.GraphModule, source: nn.Module, images: torch.Tensor
             progress.update(task, info=node.target)
         gram = cross = None
         residual = norm = 0.0
-        for (batch, x), target in zip(_module_input(converted, node, images, batch_size),
-                                      targets.split(batch_size)):
-            if target.shape[1:] != module(x).shape[1:]:
+        for x, target in zip(_module_input(converted, node, images, batch_size), targets.split(batch_size)):
+            output = module(x)
+            if target.shape != output.shape:
                 break
-            residual += (module(x) - target).double().square().sum().item()
+            residual += (output - target).double().square().sum().item()
             norm += target.double().square().sum().item()
             rows, goal = _regression(module, x, target)
             gram = rows.T @ rows if gram is None else gram + rows.T @ rows
@@ -259,7 +259,7 @@ def calibrate(converted: fx.GraphModule, source: nn.Module, images: torch.Tensor
             continue  # nothing to fit (a layer the conversion kept, fed what the source fed it)
         _set_weights(module, _solve(gram, cross, ridge))
         after = sum((module(x) - t).double().square().sum().item()
-                    for (_, x), t in zip(_module_input(converted, node, images, batch_size), targets.split(batch_size)))
+                    for x, t in zip(_module_input(converted, node, images, batch_size), targets.split(batch_size)))
         fit = BlockFit(node.target, name, (residual / norm) ** 0.5, (after / norm) ** 0.5)
         fits.append(fit)
         log_rewrite(converted, _PASS, name, f"{node.target}: fit error {fit.error_before:.3f}",

@@ -219,7 +219,8 @@ def _bottleneck(gm: fx.GraphModule, block: _Block, branch: list[fx.Node], compos
         return None
     maps = _padding_first(maps, composed.padding)
     convs = [_conv_module(m.weight, m.bias, m.stride, m.padding) for m in maps]
-    extra = None if shortcut is None else _conv_module(shortcut.weight, shortcut.bias, shortcut.stride, shortcut.padding)
+    extra = (None if shortcut is None else
+             _conv_module(shortcut.weight, shortcut.bias, shortcut.stride, shortcut.padding))
     size = tuple(in_shape[-2:])
     cost = forward_cost(convs, size) + (forward_cost([extra], size) if extra is not None else 0)
     if form == "auto" and cost >= _cost(single, size):
