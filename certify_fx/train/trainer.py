@@ -125,6 +125,8 @@ class Trainer:
         self.info = recipe_dataset_info(recipe)
         # Source weights are read at the start of a run only; a resumed run restores its own.
         self.model = build_model(recipe, source_weights=state is None, trust_source=trust_source).to(device)
+        if state is not None and "distill" not in state["recipe"]:
+            recipe.distill.teacher = "none"  # a run begun before distillation existed continues without it
         # the teacher's weights travel in the checkpoint: resuming needs only the run's own files
         self.teacher = build_teacher(recipe, trust_source, state.get("teacher") if state is not None else None)
         if self.teacher is not None:
