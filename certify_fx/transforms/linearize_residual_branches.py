@@ -6,15 +6,15 @@ inside each residual branch, folds its BatchNorm/Affine layers and composes its 
 the single equivalent conv (a bottleneck 1x1∘3x3∘1x1 becomes one 3x3, two 3x3 convs one 5x5;
 composition ignores the zero padding between them, so borders change). Then
 
-* an identity-shortcut block becomes ``LinearBottleneck`` when keeping the branch's convs has
-  fewer parameters than the composed conv (a bottleneck 1x1-3x3-1x1; two 3x3 convs, 18 c^2 weights
-  against 25 c^2): the convs as they are (BatchNorm folded in), with all the zero padding moved onto
+* an identity-shortcut block becomes ``LinearBottleneck`` when keeping the branch's convs costs
+  fewer multiply-adds than the composed conv (a bottleneck 1x1-3x3-1x1; two 3x3 convs on large
+  maps): the convs as they are (BatchNorm folded in), with all the zero padding moved onto
   the first one so that the chain is exactly the composed conv and is bounded as exactly; else
   ``LiResNetBlock`` (``x + beta/sqrt(L) * Conv(x)``) with the composed conv and ``beta = sqrt(L)``,
   so it equals ``x + Conv(x)`` (``bottleneck="auto"``, the default; ``"composed"`` or
   ``"factored"`` force one form);
 * a downsampling block (strided or projection shortcut) becomes a ``LinearBottleneck`` with the
-  shortcut conv when that has fewer parameters, else one strided transition conv, the sum of the
+  shortcut conv when that costs fewer multiply-adds, else one strided transition conv, the sum of the
   shortcut and the branch;
 * token blocks (ViT MLPs) just lose their activations; the folding passes then make
   ``x + fc2(fc1(x))`` one dense layer.
@@ -196,14 +196,6 @@ def _padding_first(maps: list[_Affine], padding: int) -> list[_Affine]:
     return [_Affine(m.weight, m.bias, m.stride, padding if i == first else 0) for i, m in enumerate(maps)]
 
 
-def _cost(modules: list[nn.Module], size: tuple[int, int]) -> int:
-    """Multiply-adds per example of a conv (after a zero padding, if any) on a map of ``size``."""
-    if isinstance(modules[0], nn.ZeroPad2d):
-        left, right, top, bottom = modules[0].padding
-        size = (size[0] + top + bottom, size[1] + left + right)
-    return forward_cost([modules[-1]], size)
-
-
 def _bottleneck(gm: fx.GraphModule, block: _Block, branch: list[fx.Node], composed: _Affine,
                 single: list[nn.Module], form: str, shortcut: _Affine | None = None) -> LinearBottleneck | None:
     """The branch as its own convs (exactly the composed conv) plus the shortcut, when asked or when
@@ -223,7 +215,7 @@ def _bottleneck(gm: fx.GraphModule, block: _Block, branch: list[fx.Node], compos
              _conv_module(shortcut.weight, shortcut.bias, shortcut.stride, shortcut.padding))
     size = tuple(in_shape[-2:])
     cost = forward_cost(convs, size) + (forward_cost([extra], size) if extra is not None else 0)
-    if form == "auto" and cost >= _cost(single, size):
+    if form == "auto" and cost >= forward_cost(single, size):
         return None
     module = LinearBottleneck(convs, extra)
     with torch.no_grad():

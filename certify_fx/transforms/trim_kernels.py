@@ -38,11 +38,15 @@ def _operator(conv: nn.Conv2d, size: tuple[int, int], extra: tuple[int, int, int
                   groups=conv.groups)
 
 
-def forward_cost(convs: list[nn.Conv2d], size: tuple[int, int]) -> int:
-    """Multiply-adds per example of ``convs`` applied in a chain to a map of ``size``, counting only
-    the kernel taps that read the input (what is left after this pass)."""
+def forward_cost(convs: list[nn.Module], size: tuple[int, int]) -> int:
+    """Multiply-adds per example of ``convs`` (zero pads allowed between them) applied in a chain to
+    a map of ``size``, counting only the kernel taps that read the input (what this pass leaves)."""
     cost = 0
     for conv in convs:
+        if type(conv) is nn.ZeroPad2d:
+            left, right, top, bottom = conv.padding
+            size = (size[0] + top + bottom, size[1] + left + right)
+            continue
         op = _operator(conv, size)
         if op is None:
             raise ValueError(f"forward_cost takes zero-padded, undilated convs; got {conv}")
