@@ -185,7 +185,8 @@ def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int) -> float:
     coeffs = torch.stack([lags[k] for k in keys], 1).reshape(g, len(keys), size * size).to(torch.complex128)
     # Real kernels: G(-w) is the conjugate of G(w), so half of the grid suffices.
     ky, kx = torch.meshgrid(torch.arange(mh), torch.arange(mw // 2 + 1), indexing="ij")
-    freqs = torch.stack([ky.flatten() / mh, kx.flatten() / mw], 1).to(torch.float64)
+    # in float64 from the start: integer / int is float32, whose rounding moves the frequencies
+    freqs = torch.stack([ky.flatten().double() / mh, kx.flatten().double() / mw], 1)
     dys = torch.tensor([k[0] for k in keys], dtype=torch.float64)
     dxs = torch.tensor([k[1] for k in keys], dtype=torch.float64)
     chunk = max(1, _CHUNK_ENTRIES // (g * size * size))
