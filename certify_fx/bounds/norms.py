@@ -14,8 +14,10 @@ Power iteration (:mod:`.power_iteration`) converges to ``||A||`` from below, so 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +29,36 @@ __all__ = [
     "dense_norm_bound",
     "conv2d_norm_bound",
     "conv2d_adjoint",
+    "reference_bounds",
+    "structured_bounds",
 ]
 
 # Relative slack on every computed norm; float64 SVD/FFT round-off is ~1e-13, so this is generous.
 SAFETY = 1e-6
 # Largest number of complex matrix entries handled in one batch of per-frequency eigenproblems.
 _CHUNK_ENTRIES = 2**23
+# Largest number of complex entries of per-frequency Gram matrices kept between the ranking and
+# the proof (2 GiB); above it they are assembled twice.
+_KEPT_ENTRIES = 2**27
+_REFERENCE = False
+
+
+def structured_bounds() -> bool:
+    """Whether bounds may use structure (channel factors, kept Gram matrices): False inside
+    :func:`reference_bounds`."""
+    return not _REFERENCE
+
+
+@contextlib.contextmanager
+def reference_bounds() -> Iterator[None]:
+    """Bound every conv from its full kernel, as before structure was used (the reference the
+    tests and ``benchmarks/bound_speed.py`` compare against); same values up to float64 round-off."""
+    global _REFERENCE
+    saved, _REFERENCE = _REFERENCE, True
+    try:
+        yield
+    finally:
+        _REFERENCE = saved
 
 
 @dataclass(frozen=True)
@@ -123,6 +149,7 @@ def conv2d_norm_bound(
     padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
+    at_least: float = 0.0,
 ) -> NormBound:
     """Sound upper bound on the l2 operator norm of a 2-D convolution with zero padding.
 
@@ -132,6 +159,9 @@ def conv2d_norm_bound(
         stride, dilation: per axis.
         padding: zero padding (top, bottom, left, right); negative values crop.
         groups: the norm of a grouped conv is the maximum over its groups.
+        at_least: a value the caller takes the maximum with anyway (the identity part of a reduced
+            residual block): proving that the norm does not exceed it is enough, and cheaper
+            than finding the norm.
     """
     w = _dilate(weight.detach().to(torch.float64), dilation)
     o, c_g, kh, kw = w.shape
@@ -144,13 +174,13 @@ def conv2d_norm_bound(
     w = w.reshape(groups, o // groups, w.shape[1], kh, kw)
     if kh == 1 and kw == 1:
         # a single frequency: the conv is a block-diagonal copy of one matrix, norm exact
-        sigma = _largest_singular_value(w[..., 0, 0]).max().item()
+        sigma = max(_largest_singular_value(w[..., 0, 0]).max().item(), at_least)
         return NormBound(sigma * (1 + SAFETY), True, "svd")
-    sigma = math.sqrt(_max_gram_eigenvalue_on_grid(w, mh, mw))
+    sigma = math.sqrt(_max_gram_eigenvalue_on_grid(w, mh, mw, at_least**2))
     return NormBound(sigma * (1 + SAFETY), True, "fft")
 
 
-def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int) -> float:
+def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int, at_least: float = 0.0) -> float:
     """``max`` over the ``mh x mw`` DFT grid and the groups of ``lambda_max(A(w) A(w)^H)``.
 
     ``w`` is (groups, out, in, kh, kw) in float64 and ``A(w) = sum_t W_t exp(-i w.t)``. The Gram
@@ -160,12 +190,15 @@ def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int) -> float:
     that power iteration ranks highest give a threshold ``T``, and a Cholesky factorisation of
     ``T I - G(w)`` succeeding at every other frequency proves ``G(w) <= T I`` there; frequencies
     where it fails get exact eigenvalues too.
+
+    With ``at_least`` (the result is at least that), ``T = at_least`` is tried first: when every
+    frequency passes, no eigenvalue is computed at all.
     """
     g, o, c, kh, kw = w.shape
     if mh * (mw // 2 + 1) * 8 < (kh * kw) ** 2:
         # few frequencies (small inputs): one Gram product per frequency is cheaper than the lags
         spectrum = torch.fft.rfft2(w, s=(mh, mw)).permute(0, 3, 4, 1, 2).reshape(-1, o, c)
-        return max(_largest_singular_value(m).max().item() ** 2 for m in spectrum.split(16))
+        return max(at_least, *(_largest_singular_value(m).max().item() ** 2 for m in spectrum.split(16)))
     taps = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw, o, c)
     if o > c:  # use the smaller Gram side: A^H A = sum W_t^T W_t' ...
         taps = taps.transpose(-1, -2)
@@ -196,30 +229,57 @@ def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int) -> float:
         phase = torch.exp(-2j * math.pi * (f[:, :1] * dys + f[:, 1:] * dxs))  # (F, lags)
         return (phase @ coeffs).reshape(g, -1, size, size)  # (g, F, size, size)
 
+    kept = structured_bounds() and len(freqs) * g * size * size <= _KEPT_ENTRIES
+    store = torch.empty(g, len(freqs), size, size, dtype=torch.complex128) if kept else None
+
+    def batches(index: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for part in index.split(chunk):
+            if store is None:
+                yield part, grams(part)
+            else:
+                yield part, store[:, part]
+
+    eye = torch.eye(size, dtype=torch.complex128)
+
+    def proven(threshold: float, index: torch.Tensor) -> torch.Tensor:
+        """The frequencies of ``index`` where ``G(w) <= T I`` is not proven by a Cholesky factorisation."""
+        failed = []
+        for part, gram in batches(index):
+            _, info = torch.linalg.cholesky_ex(threshold * eye - gram)
+            failed.append(part[(info != 0).any(0)])
+        return torch.cat(failed)
+
+    everything = torch.arange(len(freqs))
+    if at_least > 0 and store is not None:
+        for index in everything.split(chunk):
+            store[:, index] = grams(index)
+        floor = at_least * (1 + 1e-9)
+        if not len(proven(floor, everything)):
+            return floor
     # 1. rank frequencies by a few power-iteration steps (Rayleigh quotients are lower bounds)
     scores = []
-    for index in torch.arange(len(freqs)).split(chunk):
-        gram = grams(index)
+    for index in everything.split(chunk):
+        gram = store[:, index] if at_least > 0 and store is not None else grams(index)
+        if store is not None:
+            store[:, index] = gram
         v = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype)
-        for _ in range(12):
+        for _ in range(6 if store is not None else 12):  # kept: the proof corrects a wrong rank cheaply
             v = gram @ v
             v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
         scores.append((v.mH @ gram @ v).real[..., 0, 0].amax(0))
     order = torch.cat(scores).argsort(descending=True)
     # 2. exact eigenvalues at the top-ranked frequencies give a threshold T
-    threshold = torch.linalg.eigvalsh(grams(order[:4]))[..., -1].max().item() * (1 + 1e-9) + 1e-300
+    top = 1 if store is not None else 4
+    threshold = max(torch.linalg.eigvalsh(gram)[..., -1].max().item() for _, gram in batches(order[:top]))
+    threshold = max(threshold, at_least) * (1 + 1e-9) + 1e-300
     # 3. in rank order, prove G(w) <= T I by Cholesky; where that fails, decompose exactly and
     #    raise T (a frequency that passed a lower T passes the final one too)
-    eye = torch.eye(size, dtype=torch.complex128)
-    for index in order[4:].split(chunk):
-        gram = grams(index)
-        _, info = torch.linalg.cholesky_ex(threshold * eye - gram)
-        failed = info != 0
-        if failed.any():
-            exact = torch.linalg.eigvalsh(gram[failed])[..., -1].max().item()
+    for index in order[top:].split(chunk):
+        failed = proven(threshold, index)
+        if len(failed):
+            exact = max(torch.linalg.eigvalsh(gram)[..., -1].max().item() for _, gram in batches(failed))
             threshold = max(threshold, exact * (1 + 1e-9))
-    worst = threshold
-    return max(worst, 0.0)
+    return threshold
 
 
 def conv2d_adjoint(

@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .norms import NormBound, conv2d_adjoint, conv2d_norm_bound, dense_norm_bound, exact, SAFETY
+from .channel_factors import ChannelFactors
+from .norms import NormBound, conv2d_adjoint, conv2d_norm_bound, dense_norm_bound, exact, SAFETY, structured_bounds
 
 __all__ = [
     "LinearOperator",
@@ -271,7 +272,8 @@ class Conv2d(LinearOperator):
     """``conv2d(pad(x, padding), weight, stride, dilation, groups)`` without bias.
 
     ``padding`` is (top, bottom, left, right) and may be asymmetric or negative (cropping), which is
-    what exact folding of parallel convs needs.
+    what exact folding of parallel convs needs. ``factors`` records how a folded kernel factors
+    through fewer channels (:mod:`.channel_factors`), which makes its bound a smaller problem.
     """
 
     in_shape: Shape  # (C, H, W)
@@ -281,6 +283,7 @@ class Conv2d(LinearOperator):
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     out_shape: Shape = field(default=())
+    factors: ChannelFactors | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not self.out_shape:
@@ -303,10 +306,27 @@ class Conv2d(LinearOperator):
         return conv2d_adjoint(y, self.weight, self.in_shape[1:], self.stride, self.padding, self.dilation, self.groups)
 
     def upper_bound(self):
+        factors = self.channel_factors
+        if factors is not None and structured_bounds():
+            square = self.stride == (1, 1) and self.dilation == (1, 1)
+            reduced = factors.reduced(square)
+            if reduced is not None:
+                kernel, floor = reduced
+                bound = conv2d_norm_bound(kernel, self.in_shape[1:], self.stride, self.padding, self.dilation,
+                                          at_least=floor)
+                return replace(bound, method=f"{bound.method} (channel-reduced)")
         return conv2d_norm_bound(self.weight, self.in_shape[1:], self.stride, self.padding, self.dilation, self.groups)
 
     def to(self, dtype):
-        return replace(self, weight=self.weight.to(dtype))
+        weight = self.weight.to(dtype)
+        factors = self.channel_factors
+        return replace(self, weight=weight, factors=None if factors is None else factors.to(weight))
+
+    @property
+    def channel_factors(self) -> ChannelFactors | None:
+        """The factors of this kernel, if it has any (factors of another kernel do not count)."""
+        factors = self.factors
+        return factors if factors is not None and factors.of is self.weight and self.groups == 1 else None
 
     @property
     def is_pointwise(self) -> bool:
@@ -317,7 +337,7 @@ class Conv2d(LinearOperator):
         kernel on a 2x2 map reads the input through a 2x2 window), or ``self``."""
         if self.dilation != (1, 1):
             return self
-        weight, padding = self.weight, list(self.padding)
+        weight, padding, factors = self.weight, list(self.padding), self.channel_factors
         for axis in (0, 1):
             size, kernel, stride = self.in_shape[1 + axis], weight.shape[2 + axis], self.stride[axis]
             before, after = padding[2 * axis], padding[2 * axis + 1]
@@ -326,10 +346,12 @@ class Conv2d(LinearOperator):
             if last < first:
                 return self
             weight = weight.narrow(2 + axis, first, last - first + 1)
+            if factors is not None:
+                factors = factors.narrowed(weight, axis, first, last - first + 1)
             padding[2 * axis], padding[2 * axis + 1] = before - first, after - (kernel - 1 - last)
         if weight.shape == self.weight.shape:
             return self
-        trimmed = replace(self, weight=weight, padding=tuple(padding), out_shape=())
+        trimmed = replace(self, weight=weight, padding=tuple(padding), out_shape=(), factors=factors)
         return trimmed if trimmed.out_shape == self.out_shape else self
 
     def dense_weight(self) -> torch.Tensor:
@@ -616,14 +638,18 @@ def _as_conv(op: LinearOperator, like: torch.Tensor | None = None) -> Conv2d | N
 
 
 def _scale_out_channels(conv: Conv2d, vec: torch.Tensor) -> Conv2d:
-    return replace(conv, weight=conv.weight * vec.to(conv.weight).reshape(-1, 1, 1, 1))
+    weight = conv.weight * vec.to(conv.weight).reshape(-1, 1, 1, 1)
+    factors = conv.channel_factors
+    return replace(conv, weight=weight, factors=factors and factors.scaled(vec, weight, "out"))
 
 
 def _scale_in_channels(conv: Conv2d, vec: torch.Tensor) -> Conv2d:
     o, c_g = conv.weight.shape[:2]
     g = conv.groups
     per_out = vec.to(conv.weight).reshape(g, 1, c_g).expand(g, o // g, c_g).reshape(o, c_g)
-    return replace(conv, weight=conv.weight * per_out[:, :, None, None])
+    weight = conv.weight * per_out[:, :, None, None]
+    factors = conv.channel_factors
+    return replace(conv, weight=weight, factors=factors and factors.scaled(vec, weight, "in"))
 
 
 def _fold_pair(inner: LinearOperator, outer: LinearOperator) -> LinearOperator | None:
@@ -662,22 +688,42 @@ def _fold_convs(inner: Conv2d, outer: Conv2d) -> Conv2d | None:
         w1 = inner.dense_weight()
         weight = torch.einsum("om,mikl->oikl", w2, w1)
         stride = (inner.stride[0] * outer.stride[0], inner.stride[1] * outer.stride[1])
-        return Conv2d(inner.in_shape, weight, stride, inner.padding, inner.dilation, 1)
+        factors = _mixed_after(inner, w1, w2, weight)
+        return Conv2d(inner.in_shape, weight, stride, inner.padding, inner.dilation, 1, factors=factors)
     # Any conv after a stride-1 pointwise conv: mix channels first, then convolve.
     if inner.is_pointwise and inner.stride == (1, 1):
-        w2 = outer.dense_weight()
-        w1 = inner.dense_weight()[:, :, 0, 0]
-        weight = torch.einsum("omkl,mi->oikl", w2, w1)
-        return Conv2d(inner.in_shape, weight, outer.stride, outer.padding, outer.dilation, 1)
+        return _mixed_before(inner, outer, outer.padding)
     # A conv without padding after any conv reads only values the inner conv computed from the
     # (padded) input: the two are one conv whose kernel is the outer kernel's taps, spaced by the
     # inner stride, over the inner kernel (a factored LiResNet branch whose padding sits first).
     if not any(outer.padding) and inner.dilation == outer.dilation == (1, 1):
+        if inner.weight.shape[-2:] == (1, 1) and inner.stride == (1, 1):
+            folded = _mixed_before(inner, outer, inner.padding)  # the padding moves with the 1x1 conv
+            return folded if folded.out_shape == outer.out_shape else None
         weight = F.conv_transpose2d(outer.dense_weight(), inner.dense_weight(), stride=inner.stride)
         stride = (inner.stride[0] * outer.stride[0], inner.stride[1] * outer.stride[1])
         folded = Conv2d(inner.in_shape, weight, stride, inner.padding)
         return folded if folded.out_shape == outer.out_shape else None
     return None
+
+
+def _mixed_after(inner: Conv2d, kernel: torch.Tensor, matrix: torch.Tensor, weight: torch.Tensor) -> ChannelFactors:
+    """The channel factors of ``matrix @ kernel_t``, the folded ``weight`` of a 1x1 conv after ``inner``."""
+    factors = inner.channel_factors
+    mixed = factors.then_mix(matrix, weight) if factors is not None else None
+    return mixed or ChannelFactors(of=weight, core=kernel, left=matrix)
+
+
+def _mixed_before(inner: Conv2d, outer: Conv2d, padding: tuple[int, int, int, int]) -> Conv2d:
+    """``outer`` after the stride-1 1x1 conv ``inner`` as one conv with ``padding``: channels are
+    mixed first, then convolved; the factors keep the mixing apart."""
+    w2 = outer.dense_weight()
+    w1 = inner.dense_weight()[:, :, 0, 0]
+    weight = torch.einsum("omkl,mi->oikl", w2, w1)
+    factors = outer.channel_factors
+    mixed = factors.after_mix(w1, weight) if factors is not None else None
+    mixed = mixed or ChannelFactors(of=weight, core=w2, right=w1)
+    return Conv2d(inner.in_shape, weight, outer.stride, padding, outer.dilation, 1, factors=mixed)
 
 
 def compose(outer: LinearOperator, inner: LinearOperator) -> LinearOperator:
@@ -721,6 +767,36 @@ def _merge_convs(convs: list[Conv2d]) -> Conv2d | None:
     right = (out_w - 1) * first.stride[1] + kw - lo[1] - n_w
     merged = Conv2d(first.in_shape, weight, first.stride, (lo[0], bottom, lo[1], right), (1, 1), groups)
     return merged if merged.out_shape == first.out_shape else None
+
+
+def _joined_factors(merged: Conv2d, parts: list[LinearOperator]) -> Conv2d:
+    """``merged`` (the sum of ``parts``) with channel factors when its parts have them: ``a I + conv``
+    for a factored stride-1 ``conv`` (a residual block whose branch is a bottleneck), or a sum of
+    factored and 1x1 convs (a downsampling block and its projection shortcut)."""
+    if merged.groups != 1:
+        return merged
+    top, left = merged.padding[0], merged.padding[2]
+    scalars = [1.0 if isinstance(op, Identity) else float(op.multiplier) for op in parts
+               if isinstance(op, Identity) or (isinstance(op, Scale) and op.multiplier.numel() == 1)]
+    convs = [op for op in parts if isinstance(op, Conv2d)]
+    if len(scalars) == 1 and len(convs) == 1 and len(parts) == 2:
+        conv = convs[0]
+        factors = conv.channel_factors
+        if factors is None or conv.stride != (1, 1) or conv.dilation != (1, 1):
+            return merged
+        placed = factors.placed(merged.weight, (top - conv.padding[0], left - conv.padding[2]))
+        return replace(merged, factors=placed.plus_identity(merged.weight, scalars[0], (top, left)))
+    if len(convs) != len(parts) or any(c.dilation != (1, 1) for c in convs):
+        return merged
+    factored = []
+    for conv in convs:
+        factors = conv.channel_factors
+        if factors is None and conv.is_pointwise and conv.groups == 1:
+            factors = ChannelFactors.of_pointwise(conv.weight)
+        if factors is None:
+            return merged
+        factored.append((factors, (top - conv.padding[0], left - conv.padding[2])))
+    return replace(merged, factors=ChannelFactors.stacked(merged.weight, factored))
 
 
 def _steps(op: LinearOperator) -> list[LinearOperator]:
@@ -773,7 +849,8 @@ def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
     if len(convs) >= 2 and like is not None:
         merged = _merge_convs(convs)
         if merged is not None:
-            ops = [merged] + [op for op in ops if _as_conv(op) is None]
+            joined = [op for op in ops if _as_conv(op) is not None]
+            ops = [_joined_factors(merged, joined)] + [op for op in ops if _as_conv(op) is None]
     denses = [op for op in ops if isinstance(op, Dense)]
     if denses:
         others = [op for op in ops if not isinstance(op, Dense)]
