@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's scripts: certify-fx, torchrun
+# Proven norms are kept between processes (certify_fx.bounds.cache); the tests keep theirs in a
+# directory of their own, so that they neither read nor fill the user's.
+os.environ["CERTIFY_FX_CACHE"] = _NORM_CACHE = tempfile.mkdtemp(prefix="certify-fx-test-norms-")
+atexit.register(shutil.rmtree, _NORM_CACHE, ignore_errors=True)
 #: One thread per process, so that runs compared bit for bit do the same arithmetic; wide logs.
 CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import CertifyFxError
 from .analysis import check_pure_forward, traced_and_recorded
+from .cache import norm_cache
 from .capture import CaptureMode
 from .evaluation import Evaluator
 from .fingerprint import Fingerprint, model_fingerprint
@@ -59,6 +60,15 @@ def _pairwise_distances(rows: torch.Tensor) -> torch.Tensor:
     squared = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     zero = squared == 0
     return torch.where(zero, 0.0, torch.where(zero, torch.ones_like(squared), squared).sqrt())
+
+
+def _progress_info(node: fx.Node, rows: list) -> str:
+    """The node just bounded, and the slowest so far with its share of the time so far."""
+    total = sum(r.seconds for r in rows)
+    slowest = max(rows, key=lambda r: r.seconds, default=None)
+    if slowest is None or total < 1.0:
+        return node.name
+    return f"{node.name}; slowest {slowest.node} {slowest.seconds:.1f} s ({slowest.seconds / total:.0%})"
 
 
 class BoundCompiler(nn.Module):
@@ -104,7 +114,7 @@ class BoundCompiler(nn.Module):
     def _sound_norm(self, steps: int, tol: float) -> Callable[[LinearOperator, str], Lipschitz]:
         def norm(op: LinearOperator, key: str) -> Lipschitz:
             with torch.no_grad():
-                b = materialized_bound(op) if self._materialize(op) else op.upper_bound()
+                b = materialized_bound(op) if self._materialize(op) else norm_cache.upper_bound(op)
                 est = self._estimate(op, key, steps, tol, persist=False).item() if steps else math.nan
             return Lipschitz(b.value, est, b.sound, b.method)
 
@@ -159,12 +169,12 @@ class BoundCompiler(nn.Module):
     def _run(self, norm, margin, progress: ProgressLike | None = None) -> tuple[Evaluator, Any]:
         """Evaluate the graph; returns the evaluator and the output (the margin tuple of logits,
         or the output value itself when ``margin`` is None)."""
-        on_node = task = None
+        task = None
+        evaluator = Evaluator(self.graph_module, self._recording, norm, margin, logits=margin is not None)
         if progress is not None:
             task = progress.add_task("bound", total=len(self.graph_module.graph.nodes), info="")
-            on_node = lambda node: progress.update(task, advance=1, info=node.name)  # noqa: E731
-        evaluator = Evaluator(self.graph_module, self._recording, norm, margin, logits=margin is not None,
-                              on_node=on_node)
+            evaluator.on_node = lambda node: progress.update(  # noqa: E731
+                task, advance=1, info=_progress_info(node, evaluator.rows))
         try:
             output = evaluator.run(torch.empty(0))  # the placeholder value is never used
         finally:
@@ -250,6 +260,9 @@ def bound(model: nn.Module, input_shape: tuple[int, ...], estimate_steps: int = 
             on weights, branches on the input's shape), captures it with ``torch.export``;
             ``"symbolic"`` or ``"export"`` forces one path. An exported graph is proven for
             ``input_shape`` (export specialises on every size but the batch).
+
+    The proven norms of wide layers are kept by content (:mod:`.cache`): bounding the same
+    weights again, in this process or a later one, reads them back instead of proving them again.
 
     Raises:
         UnsupportedNodeError: a node whose Lipschitz behaviour is unknown or unbounded; the
