@@ -61,10 +61,17 @@ def print_bound(result, console, title: str, seconds: float, show_nodes: bool = 
         for col in ("factor", "K", "K est."):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("method", no_wrap=True)
+        for col in ("s", "share"):
+            table.add_column(col, justify="right", no_wrap=True)
+        total = max(result.seconds, 1e-9)
         for row in result.nodes:
             table.add_row(row.node, row.kind, row.op, _fmt(row.factor), _fmt(row.lipschitz),
-                          _fmt(row.lipschitz_estimate), row.method + ("" if row.sound else " (unproven)"))
+                          _fmt(row.lipschitz_estimate), row.method + ("" if row.sound else " (unproven)"),
+                          f"{row.seconds:.2f}", f"{row.seconds / total:.0%}")
         console.print(table)
+    elif result.seconds >= 1.0:
+        slow = ", ".join(f"{r.node} {r.seconds:.1f} s ({r.seconds / result.seconds:.0%})" for r in result.slowest(3))
+        console.print(f"slowest nodes: {slow}")
     m = result.margin
     off = ~torch.eye(m.shape[0], dtype=torch.bool)
     summary = Table(title=f"margin Lipschitz constants K[i, j] of {title}", show_header=False)
@@ -225,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Trace MODEL with torch.fx, fold its linear parts, and print a sound upper bound K[i, j] on "
             "the Lipschitz constant of every logit margin f_i - f_j, with a per-node breakdown. "
-            "A prediction j is certified at radius eps when f_j - f_i > eps * K[j, i] for all i != j."
+            "A prediction j is certified at radius eps when f_j - f_i > eps * K[j, i] for all i != j. "
+            "Progress names the slowest node so far and its share of the time; the table's last columns "
+            "say where the time went. Proven norms of wide layers are kept in ~/.cache/certify-fx/norms "
+            "($CERTIFY_FX_CACHE; 'off' keeps them in memory only), so bounding the same weights again "
+            "(after convert, another checkpoint with the same body) reads them back."
         ),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

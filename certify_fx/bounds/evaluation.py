@@ -12,6 +12,8 @@ only bounded where a nonlinearity or the output consumes them:
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -94,6 +96,7 @@ class Evaluator(fx.Interpreter):
         self._first_placeholder = True
         self._gates: dict[str, dict[str, LinearOperator]] = {}  # monotone activations: their input's form
         self._regions = {node: region for region in recording.regions for node in region.nodes}
+        self._unattributed = 0.0  # seconds of the nodes since the last row (see NodeBound.seconds)
 
     # -- the API rules use -----------------------------------------------------------------
     def shape(self, node: fx.Node | None = None, part: int | None = None) -> Shape:
@@ -316,7 +319,14 @@ class Evaluator(fx.Interpreter):
 
     # -- interpreter -----------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
+        start, first_row = time.perf_counter(), len(self.rows)
         result = self._run_node(n)
+        self._unattributed += time.perf_counter() - start
+        new = range(first_row, len(self.rows))
+        if new:  # the time goes to the row that proved a norm (linear or output), else the first
+            at = next((i for i in new if self.rows[i].kind in ("linear", "output")), new[0])
+            self.rows[at] = replace(self.rows[at], seconds=self.rows[at].seconds + self._unattributed)
+            self._unattributed = 0.0
         if self.on_node is not None:
             self.on_node(n)
         return result

@@ -48,6 +48,15 @@ class LipschitzBound:
         return float(self.margin.max())
 
     @property
+    def seconds(self) -> float:
+        """The time the proof took (the sum over :attr:`nodes`; tracing and recording not included)."""
+        return sum(n.seconds for n in self.nodes)
+
+    def slowest(self, count: int = 5) -> list[NodeBound]:
+        """The ``count`` rows that took the most time, slowest first."""
+        return sorted(self.nodes, key=lambda n: n.seconds, reverse=True)[:count]
+
+    @property
     def finite(self) -> bool:
         """False if any constant is NaN or infinite (then nothing can be certified with it)."""
         return bool(torch.isfinite(self.margin).all())

@@ -72,7 +72,9 @@ class NodeBound:
     """One row of the per-node breakdown.
 
     ``factor`` is what this node multiplies the Lipschitz constant by (a folded operator's norm
-    bound, or an activation's constant); ``lipschitz`` is the resulting bound w.r.t. the input.
+    bound, or an activation's constant); ``lipschitz`` is the resulting bound w.r.t. the input;
+    ``seconds`` the time the compiler spent on it (with the folding of the graph nodes before it
+    that had no row of their own), so that the rows add up to the evaluation's time.
     """
 
     node: str
@@ -84,6 +86,7 @@ class NodeBound:
     lipschitz_estimate: float
     method: str
     sound: bool
+    seconds: float = 0.0
 
 
 def _walk(obj: Any, into_results: bool = True):
