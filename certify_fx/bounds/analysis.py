@@ -25,7 +25,7 @@ from .module_state import ModuleState, unwrap_model
 from .spectral import Region, find_regions
 from .values import Shape
 
-__all__ = ["EXAMPLE_BATCH", "RECORDED_LEVELS", "Recording", "record", "check_structure", "check_pure_forward",
+__all__ = ["EXAMPLE_BATCH", "RECORDED_LEVELS", "Recording", "example_shapes", "record", "check_structure", "check_pure_forward",
            "traced_and_recorded"]
 
 #: the example batch every recorded shape and value has (the reordered run has one more)
@@ -111,6 +111,12 @@ def _run_example(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], x: t
         for buffer, value in saved:
             buffer.data = value  # by value: a run may have resized a buffer
     return recorder.recording
+
+
+def example_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, Shape]:
+    """Each node's output shape on one example batch: a single forward, buffers restored (what
+    the conversion passes need between rewrites; :func:`record` proves much more with two)."""
+    return _run_example(gm, {}, _example_batch(input_shape, EXAMPLE_BATCH, gm)).shapes
 
 
 def _check_batch_dim(gm: fx.GraphModule, dependence: dict[fx.Node, Dependence], input_shape: tuple[int, ...]) -> None:

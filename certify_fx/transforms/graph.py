@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bounds import registry
-from ..bounds.analysis import record
+from ..bounds.analysis import example_shapes
 from ..bounds.capture import example_input
 from ..bounds.compiler import linear_form
 from ..bounds.operators import Conv2d, Dense, LinearOperator, Scale
@@ -36,8 +36,8 @@ __all__ = [
 
 def annotate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     """Store each node's output shape (batch 2) in ``node.meta['shape']`` and whether it depends
-    on the input in ``node.meta['dynamic']``."""
-    shapes = record(gm, input_shape).shapes
+    on the input in ``node.meta['dynamic']`` (one example forward)."""
+    shapes = example_shapes(gm, input_shape)
     first = True
     for node in gm.graph.nodes:
         node.meta["shape"] = shapes.get(node.name)

@@ -37,7 +37,7 @@ from ..bounds.operators import Conv2d as ConvOp
 from ..bounds.operators import add as add_operators
 from ..nn import Affine, LinearBottleneck, LiResNetBlock, TokenMixing
 from .fold_linear_residuals import is_add
-from .graph import (add_submodule, annotate_shapes, drop_passthrough, finalize, is_activation, is_linear_unit,
+from .graph import (add_submodule, drop_passthrough, finalize, is_activation, is_linear_unit,
                     module_for, single_input, tensor_args)
 from .log import log_rewrite
 from .passes import Option, conversion_pass
@@ -275,9 +275,13 @@ def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: st
     if replacement is not None:
         modules, after = replacement
         current = block.source
-        with gm.graph.inserting_before(add):
+        shape = block.source.meta["shape"]
+        with gm.graph.inserting_before(add), torch.no_grad():
             for module in modules:
                 current = gm.graph.call_module(add_submodule(gm, add.name + ".block", module), (current,))
+                # the next block reads its source's shape: known here without another forward
+                shape = (shape[0], *module(torch.zeros(1, *shape[1:])).shape[1:])
+                current.meta.update(shape=shape, dynamic=True)
         add.replace_all_uses_with(current)
         output = replacement_module = current
     else:
@@ -293,6 +297,7 @@ def _linearize(gm: fx.GraphModule, block: _Block, num_lires: int, activation: st
         if act is not None:
             with gm.graph.inserting_after(output):
                 new = gm.graph.call_module(add_submodule(gm, add.name + ".act", act), (output,))
+            new.meta.update(shape=add.meta["shape"], dynamic=True)
             output.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
             after += f" -> {type(act).__name__}"
     log_rewrite(gm, "linearize_residual_branches", add.name,
@@ -317,7 +322,6 @@ def linearize_residual_branches(gm: fx.GraphModule, input_shape: tuple[int, ...]
         if block is None:
             break
         done.add(block.add.name)
-        _linearize(gm, block, num_lires, activation, bottleneck)
+        _linearize(gm, block, num_lires, activation, bottleneck)  # gives its new nodes their shapes
         finalize(gm)
-        annotate_shapes(gm, input_shape)
     return gm
