@@ -65,6 +65,7 @@ def test_bound_file_module_prints_tables(tmp_path):
     """))
     out = run("bound", f"{path}:Net", "--input-size", "1,6,6").stdout
     assert "margin Lipschitz constants" in out and "relu" in out
+    assert "share" in out  # where the time went, per node
 
 
 def test_bound_errors_are_one_clear_line():
@@ -96,11 +97,13 @@ def test_a_refused_user_model_is_one_error_line(tmp_path):
 def test_convert_then_bound_from_a_fresh_process(tmp_path):
     out = tmp_path / "r18.pt"
     proc = run("convert", "resnet18", "--to", "liresnet", "--num-classes", "10", "--input-size", "3,32,32",
-               "-o", str(out), "--no-bound")
+               "-o", str(out))
     assert "linearize_residual_branches" in proc.stdout and "parameters:" in proc.stdout
     assert out.is_file()
     data = json.loads(run("bound", str(out), "--json", "--estimate-steps", "0").stdout)
     assert data["sound"] and data["num_classes"] == 10 and data["input_shape"] == [3, 32, 32]
+    # the norms convert proved are read back, not proved again
+    assert any(row["method"].endswith("(kept)") for row in data["nodes"])
 
 
 def test_convert_reports_unsupported_models(tmp_path):

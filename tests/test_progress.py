@@ -1,6 +1,7 @@
 """Progress displays: live bars in a terminal, plain unwrapped lines in logs, stdout kept clean."""
 
 import io
+import time
 
 import timm
 import torch
@@ -49,8 +50,21 @@ def test_bound_reports_every_node_and_its_json_stays_on_stdout():
     with Recorder(console) as progress:
         result = cfx.bound(model, (3, 32, 32), estimate_steps=0, progress=progress)
     graph_nodes = len(cfx.BoundCompiler(model, (3, 32, 32)).graph_module.graph.nodes)
-    assert len([s for s in seen if s]) == graph_nodes and seen[-1] == "output"
+    # each line names the node just bounded (and, after the first second, the slowest so far)
+    assert len([s for s in seen if s]) == graph_nodes and seen[-1].split(";")[0] == "output"
     assert torch.equal(result.margin, cfx.bound(model, (3, 32, 32), estimate_steps=0).margin)
+
+
+def test_a_bound_says_where_its_time_went():
+    model = timm.create_model("liresnet_l4w32", num_classes=10, img_size=32).eval()
+    start = time.perf_counter()
+    result = cfx.bound(model, (3, 32, 32), estimate_steps=0)
+    elapsed = time.perf_counter() - start
+    assert all(row.seconds >= 0 for row in result.nodes)
+    assert 0 < result.seconds <= elapsed  # the rows add up to the evaluation, tracing aside
+    slowest = result.slowest(3)
+    assert len(slowest) == 3 and slowest[0].seconds >= slowest[1].seconds >= slowest[2].seconds
+    assert slowest[0].kind in ("linear", "output")  # time goes to the rows that prove norms
 
 
 def test_convert_reports_each_pass():
