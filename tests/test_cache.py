@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -94,3 +95,17 @@ def test_bounding_the_same_weights_again_reads_the_kept_norms(directory):
     third = cfx.bound(model, (64, 4, 4), estimate_steps=0, materialize_limit=0)
     assert not any(row.method.endswith("(kept)") for row in third.nodes)
     assert third.max_margin > first.max_margin
+
+
+def test_the_directory_keeps_the_newest_entries_of_each_shard(directory, monkeypatch):
+    import certify_fx.bounds.cache as cache
+
+    monkeypatch.setattr(cache, "SHARD_ENTRIES", 2)
+    shard = directory / "ab"
+    shard.mkdir(parents=True)
+    for i in range(4):
+        path = shard / f"ab{i:062d}.json"
+        path.write_text("{}")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # written in this order
+    cache._prune(shard)
+    assert sorted(p.name for p in shard.glob("*.json")) == [f"ab{i:062d}.json" for i in (2, 3)]

@@ -38,6 +38,8 @@ __all__ = ["BOUND_VERSION", "NormCache", "cache_directory", "norm_cache", "opera
 BOUND_VERSION = 2
 #: operators with fewer kernel entries are bounded again rather than looked up (it is as fast)
 MIN_ENTRIES = 2**14
+#: entries kept per shard of the directory (the first two hex digits of the key: 256 shards)
+SHARD_ENTRIES = 64
 _ENVIRONMENT = "CERTIFY_FX_CACHE"
 
 
@@ -142,8 +144,17 @@ class NormCache:
             with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
                 json.dump(entry, f)
             os.replace(f.name, path)  # atomic: a reader sees the whole entry or none
+            _prune(path.parent)
         except OSError:
             pass  # a read-only or full disk costs a proof next time, nothing else
+
+
+def _prune(shard: Path) -> None:
+    """Keep the newest :data:`SHARD_ENTRIES` entries of a shard (training writes new weights' norms
+    every epoch; the directory stays below 256 shards of that many small files)."""
+    entries = sorted(shard.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    for old in entries[:-SHARD_ENTRIES]:
+        old.unlink(missing_ok=True)
 
 
 #: the process's norm cache (the bound compiler reads and fills it)
