@@ -12,8 +12,8 @@ from importlib import import_module
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "DROP_PATH", "NORM_ACT", "NORMALIZATION", "SCALE_FREE", "notrace_functions",
-           "notrace_modules"]
+__all__ = ["ACTIVATIONS", "CHANNELS_FIRST_LAYER_NORMS", "CHANNELS_LAST_LAYER_NORMS", "DROP_PATH", "NORM_ACT",
+           "NORMALIZATION", "SCALE_FREE", "notrace_functions", "notrace_modules"]
 
 
 def _classes(module: str, *names: str) -> tuple[type[nn.Module], ...]:
@@ -33,6 +33,9 @@ NORM_ACT = _classes("timm.layers.norm_act", "BatchNormAct2d")
 #: normalisation by the input's own statistics
 NORMALIZATION = _classes("timm.layers.norm", "LayerNorm", "LayerNorm2d", "RmsNorm", "RmsNorm2d", "GroupNorm",
                          "GroupNorm1", "SimpleNorm")
+#: LayerNorms over the channels of (N, C, H, W) tensors, and over the last dim (as nn.LayerNorm)
+CHANNELS_FIRST_LAYER_NORMS = _classes("timm.layers.norm", "LayerNorm2d")
+CHANNELS_LAST_LAYER_NORMS = (nn.LayerNorm, *_classes("timm.layers.norm", "LayerNorm"))
 #: modules that commute with scaling their input by a positive number (pooling, stochastic depth)
 SCALE_FREE = DROP_PATH + _classes("timm.layers", "SelectAdaptivePool2d", "MaxPool2dSame", "AvgPool2dSame",
                                   "BlurPool2d")

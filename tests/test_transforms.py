@@ -297,3 +297,29 @@ def test_a_registered_activation_is_a_leaf_and_replaced_by_convert():
         assert SmoothAbs not in kinds and MinMax in kinds
     finally:
         registry.MODULE_RULES.pop(SmoothAbs, None)
+
+
+def test_a_channels_first_layer_norm_becomes_an_affine_over_channels():
+    """timm's LayerNorm2d (ConvNeXt) normalises dim 1 of (N, C, H, W); its Affine scales channels.
+    A LayerNorm subclass with a forward of its own is traced into: its layer_norm, between its
+    own transposes, becomes an Affine over the last dim."""
+    from timm.layers import LayerNorm2d
+
+    from certify_fx.transforms import remove_normalization
+
+    class Custom(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.transpose(1, 3)).transpose(1, 3)
+
+    norm = LayerNorm2d(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, Custom(8)).eval()
+    gm = remove_normalization(trace(model), (3, 5, 6))
+    affines = [m for m in gm.modules() if isinstance(m, cfx.nn.Affine)]
+    assert [a.dim for a in affines] == [1, -1]
+    torch.testing.assert_close(affines[0].weight, norm.weight)
+    x = torch.randn(2, 3, 5, 6)
+    expected = model[0](x) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    expected = (expected.transpose(1, 3) * model[2].weight + model[2].bias).transpose(1, 3)
+    torch.testing.assert_close(gm(x), expected)

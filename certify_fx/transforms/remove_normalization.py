@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .. import timm_layers
 from ..bounds.registry import node_kind
 from ..nn import Affine
 from .graph import add_submodule, describe, tensor_args
@@ -42,7 +43,11 @@ def _replacement(gm: fx.GraphModule, node: fx.Node) -> tuple[Affine, bool] | Non
             shift = (m.bias if m.bias is not None else 0) - m.running_mean * scale
             return _affine(m.num_features, 1, scale, shift), m.training
         if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-            return _affine(m.normalized_shape[0], -1, m.weight, m.bias), True
+            # by exact type: which dim a LayerNorm subclass normalises is its forward's to say
+            dims = {**{cls: -1 for cls in timm_layers.CHANNELS_LAST_LAYER_NORMS},
+                    **{cls: 1 for cls in timm_layers.CHANNELS_FIRST_LAYER_NORMS}}
+            dim = dims.get(type(m))
+            return None if dim is None else (_affine(m.normalized_shape[0], dim, m.weight, m.bias), True)
         if isinstance(m, nn.GroupNorm):
             return _affine(m.num_channels, 1, m.weight, m.bias), True
         return None
