@@ -172,7 +172,7 @@ def add_parsers(sub) -> None:
         "train", help="train a certifiably robust model from a YAML recipe (GloRo with EMMA/TRADES/CLL)",
         description=("Train the model a recipe describes as a GloRo net: each step computes the logits and a "
                      "differentiable power-iteration estimate of the margin Lipschitz constants K[i, j], and the "
-                     "recipe's loss (emma, trades, gloro_ce, cll, crc_lip, ce) pushes certified margins up; each epoch the "
+                     "recipe's loss (emma, la, trades, gloro_ce, cll, crc_lip, ce) pushes certified margins up; each epoch the "
                      "proven bound certifies the test set. The same command runs under torchrun for DDP."),
         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("recipe", nargs="?", default=None, help="YAML recipe (see recipes/); optional with --resume")

@@ -179,5 +179,42 @@ def test_ties_never_certify_in_the_gloro_output():
 
 
 def test_unknown_loss_names_the_choices():
-    with pytest.raises(ValueError, match="choose one of ce, cll, crc_lip, emma, gloro_ce, trades"):
+    with pytest.raises(ValueError, match="choose one of ce, cll, crc_lip, emma, gloro_ce, la, trades"):
         create_loss("hinge")
+
+
+def test_logit_annealing_matches_its_definition():
+    """Per sample: EMMA's adjusted logits, the offset off the label, CE at temperature T, weighted
+    by (1 - p_t)^gamma and scaled by T; gamma 0, offset 0, T 1 is EMMA itself."""
+    from certify_fx.losses import logit_annealing
+
+    f, y, K = _batch(n=8, m=6, seed=4)
+    eps, gamma, offset, t = 0.4, 3.0, 1.5, 0.6
+    terms = []
+    for n in range(len(y)):
+        yn = int(y[n])
+        z = []
+        for i in range(f.shape[1]):
+            kappa = 0.0 if i == yn else float((f[n, yn] - f[n, i]) / K[yn, i])
+            z.append(f[n, i] + (0.0 if i == yn else min(max(kappa, 0.01 * eps), eps)) * K[yn, i])
+        z = torch.stack(z)
+        z[yn] = z[yn] - offset
+        ce = -(z[yn] / t - torch.logsumexp(z / t, 0))
+        terms.append(t * (1 - torch.exp(-ce)) ** gamma * ce)
+    loss = logit_annealing(f, y, K, eps, gamma=gamma, offset=offset, temperature=t)
+    assert torch.allclose(loss, torch.stack(terms).mean())
+    plain = logit_annealing(f, y, K, eps, gamma=0.0, offset=0.0, temperature=1.0, min_fraction=0.0)
+    assert torch.allclose(plain, emma(f, y, K, eps))
+    with pytest.raises(ValueError, match="temperature"):
+        logit_annealing(f, y, K, eps, temperature=0.0)
+
+
+def test_logit_annealing_anneals_what_is_already_certified_far():
+    """A sample certified far past the boundary contributes (almost) nothing; one on it does."""
+    from certify_fx.losses import logit_annealing
+
+    K = torch.ones(3, 3, dtype=torch.float64) - torch.eye(3, dtype=torch.float64)
+    far = torch.tensor([[30.0, 0.0, 0.0]], dtype=torch.float64)
+    near = torch.tensor([[0.1, 0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([0])
+    assert logit_annealing(far, y, K, 0.5).item() < 1e-12 < logit_annealing(near, y, K, 0.5).item()

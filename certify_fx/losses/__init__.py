@@ -25,6 +25,7 @@ from .cross_entropy import cross_entropy
 from .distill import distillation
 from .emma import emma
 from .gloro import GloRo, bottom_logit, gloro_ce, gloro_logits, trades
+from .logit_annealing import logit_annealing
 
 __all__ = [
     "CONTEXT_ARGUMENTS",
@@ -43,6 +44,7 @@ __all__ = [
     "emma",
     "gloro_ce",
     "gloro_logits",
+    "logit_annealing",
     "loss_options",
     "needs_features",
     "trades",
@@ -60,6 +62,7 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "gloro_ce": gloro_ce,
     "trades": trades,
     "emma": emma,
+    "la": logit_annealing,
     "cll": cll,
     "crc_lip": crc_lip,
 }

@@ -19,10 +19,17 @@ def emma(logits: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor, eps: 
         min_fraction: clip ``eps_i`` to ``[min_fraction * eps, eps]`` instead (the reference code
             uses 0.01; the paper 0).
     """
+    return F.cross_entropy(emma_logits(logits, labels, margin, eps, min_fraction), labels)
+
+
+def emma_logits(logits: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor, eps: float,
+                min_fraction: float = 0.0) -> torch.Tensor:
+    """EMMA's margin-adjusted logits ``f_i + eps_i K[y, i]`` (see :func:`emma`), which the logit
+    annealing loss shares."""
     k = margin.to(logits)[labels]  # (N, m): K[y, i]
     with torch.no_grad():
         gap = logits.gather(1, labels[:, None]) - logits
         kappa = torch.where(k > 0, gap / k.clamp_min(torch.finfo(k.dtype).tiny), torch.zeros_like(gap))
         eps_i = kappa.clamp(min_fraction * eps, eps)
         eps_i = eps_i.scatter(1, labels[:, None], 0.0)  # the label itself, by index
-    return F.cross_entropy(logits + eps_i * k, labels)
+    return logits + eps_i * k
