@@ -254,27 +254,25 @@ def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int, at_least: fl
             failed.append(part[(info != 0).any(0)])
         return torch.cat(failed)
 
+    def exact(index: torch.Tensor) -> float:
+        return max(torch.linalg.eigvalsh(gram)[..., -1].max().item() for _, gram in batches(index))
+
     everything = torch.arange(len(freqs))
-    if at_least > 0 and store is not None:
+    if store is not None:
         for index in everything.split(chunk):
             store[:, index] = grams(index)
         floor = at_least * (1 + _THRESHOLD_SLACK)
-        if not len(proven(floor, everything)):
+        if at_least > 0 and not len(proven(floor, everything)):
             return floor
     # 1. rank frequencies by a few power-iteration steps (Rayleigh quotients are lower bounds)
     scores = []
-    for index in everything.split(chunk):
-        gram = store[:, index] if at_least > 0 and store is not None else grams(index)
-        if store is not None:
-            store[:, index] = gram
+    for _, gram in batches(everything):
         v = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype)
         for _ in range(6 if store is not None else 12):  # kept: the proof corrects a wrong rank cheaply
             v = gram @ v
             v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
         scores.append((v.mH @ gram @ v).real[..., 0, 0].amax(0))
     order = torch.cat(scores).argsort(descending=True)
-    def exact(index: torch.Tensor) -> float:
-        return max(torch.linalg.eigvalsh(gram)[..., -1].max().item() for _, gram in batches(index))
 
     # 2. exact eigenvalues at the top-ranked frequencies give a threshold T (with a relative slack
     #    of 1e-7, so that the many near-equal maxima of an almost orthogonal conv pass at once)
