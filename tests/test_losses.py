@@ -65,17 +65,20 @@ def test_emma_hand_computed_case():
     assert emma(f, torch.tensor([1]), K, 0.3).item() == pytest.approx(expected, rel=1e-12)
 
 
+def _emma_shifted(f, yn: int, K, eps: float, low: float = 0.0) -> torch.Tensor:
+    """One sample's EMMA logits by the definition: ``f_i + clip(kappa_i, low, eps) K[y, i]``, the label's
+    own logit unchanged."""
+    shifted = []
+    for i in range(f.shape[0]):
+        kappa = float((f[yn] - f[i]) / K[yn, i]) if i != yn else 0.0
+        shifted.append(f[i] + (0.0 if i == yn else min(max(kappa, low), eps)) * K[yn, i])
+    return torch.stack(shifted)
+
+
 def test_emma_matches_definition_on_a_batch():
     f, y, K = _batch(n=8, m=6, seed=3)
     eps = 0.4
-    terms = []
-    for n in range(len(y)):
-        yn = int(y[n])
-        shifted = []
-        for i in range(f.shape[1]):
-            kappa = 0.0 if i == yn else float((f[n, yn] - f[n, i]) / K[yn, i])
-            shifted.append(f[n, i] + min(max(kappa, 0.0), eps) * K[yn, i])
-        terms.append(-(f[n, yn] - torch.logsumexp(torch.stack(shifted), 0)))
+    terms = [-(f[n, int(y[n])] - torch.logsumexp(_emma_shifted(f[n], int(y[n]), K, eps), 0)) for n in range(len(y))]
     assert torch.allclose(emma(f, y, K, eps), torch.stack(terms).mean())
 
 
@@ -193,11 +196,7 @@ def test_logit_annealing_matches_its_definition():
     terms = []
     for n in range(len(y)):
         yn = int(y[n])
-        z = []
-        for i in range(f.shape[1]):
-            kappa = 0.0 if i == yn else float((f[n, yn] - f[n, i]) / K[yn, i])
-            z.append(f[n, i] + (0.0 if i == yn else min(max(kappa, 0.01 * eps), eps)) * K[yn, i])
-        z = torch.stack(z)
+        z = _emma_shifted(f[n], yn, K, eps, low=0.01 * eps)
         z[yn] = z[yn] - offset
         ce = -(z[yn] / t - torch.logsumexp(z / t, 0))
         terms.append(t * (1 - torch.exp(-ce)) ** gamma * ce)
