@@ -74,9 +74,12 @@ def cache_directory() -> Path | None:
     value = os.environ.get(_ENVIRONMENT)
     if value is not None and value.strip().lower() in ("", "0", "off", "none", "false"):
         return None
-    if value:
-        return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        if value:
+            return Path(value).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home directory to expand: keep norms in memory only
+        return None
     return Path(base) / "certify-fx" / "norms"
 
 
