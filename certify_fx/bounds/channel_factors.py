@@ -12,8 +12,8 @@ At every frequency ``w`` of the DFT grid the conv is the matrix ``A(w) = a I + L
 
     ``||A(w)|| = max(|a|, ||M(w)||)`` if ``k < c``, else ``||M(w)||``.
 
-*Proof.* Let ``S = span(Q)``. For ``x`` orthogonal to ``S``, ``R x = 0`` (the rows of ``R`` lie in
-``S``), so ``A(w) x = a x``. For ``x`` in ``S``, ``A(w) x = a x + L B(w) R x`` lies in ``S``
+*Proof.* Let ``S = span(Q)``. For ``x`` orthogonal to ``S``, ``R x = 0`` (the rows of ``R``, the
+columns of ``R^T``, lie in ``S``), so ``A(w) x = a x``. For ``x`` in ``S``, ``A(w) x = a x + L B(w) R x`` lies in ``S``
 (``span(L)`` does). The same holds for ``A(w)^H = conj(a) I + R^T B(w)^H L^T``. So ``S`` and its
 complement reduce ``A(w)``: it is block diagonal in the basis ``[Q, Q_perp]`` with blocks
 ``Q^T A(w) Q = M(w)`` and ``a I``, and the norm of a block-diagonal matrix is the largest norm of
@@ -30,9 +30,9 @@ which act on the spatial axes only. So the conv has the norm of the conv with ke
 Either way the problem per frequency shrinks from ``c`` to ``k`` (or ``r``) channels: ``(c/k)^3``
 fewer flops in the factorisations that prove the maximum (8x at ``r = c/4``).
 
-The factors only ever make a bound cheaper, never different: they are tied to the kernel tensor
-they describe (``of``), and an operator whose kernel was replaced without them is bounded from
-its kernel alone.
+The factors only ever make a bound cheaper, not different (up to the 1e-7 slack of the proof's
+thresholds): they are tied to the kernel tensor they describe (``of``), and an operator whose
+kernel was replaced without them is bounded from its kernel alone.
 """
 
 from __future__ import annotations
