@@ -13,9 +13,9 @@ At every frequency ``w`` of the DFT grid the conv is the matrix ``A(w) = a I + L
     ``||A(w)|| = max(|a|, ||M(w)||)`` if ``k < c``, else ``||M(w)||``.
 
 *Proof.* Let ``S = span(Q)``. For ``x`` orthogonal to ``S``, ``R x = 0`` (the rows of ``R``, the
-columns of ``R^T``, lie in ``S``), so ``A(w) x = a x``. For ``x`` in ``S``, ``A(w) x = a x + L B(w) R x`` lies in ``S``
-(``span(L)`` does). The same holds for ``A(w)^H = conj(a) I + R^T B(w)^H L^T``. So ``S`` and its
-complement reduce ``A(w)``: it is block diagonal in the basis ``[Q, Q_perp]`` with blocks
+columns of ``R^T``, lie in ``S``), so ``A(w) x = a x``. For ``x`` in ``S``, ``A(w) x = a x +
+L B(w) R x`` lies in ``S`` (``span(L)`` does). The same holds for ``A(w)^H = conj(a) I +
+R^T B(w)^H L^T``. So ``S`` and its complement reduce ``A(w)``: it is block diagonal in the basis ``[Q, Q_perp]`` with blocks
 ``Q^T A(w) Q = M(w)`` and ``a I``, and the norm of a block-diagonal matrix is the largest norm of
 its blocks. The circular conv on the canvas is block diagonal over the frequencies, each block
 ``A(w)``, so the conv with kernel ``M`` on the same canvas has norm ``max_w ||M(w)||``.
@@ -119,14 +119,16 @@ class ChannelFactors:
         core = F.pad(self.core, (ow, kw - ow - cw, oh, kh - oh - ch))
         return replace(self, of=weight, core=core, centre=(self.centre[0] + oh, self.centre[1] + ow))
 
-    def plus_identity(self, weight: torch.Tensor, coefficient: float, centre: tuple[int, int]) -> "ChannelFactors | None":
+    def plus_identity(self, weight: torch.Tensor, coefficient: float,
+                      centre: tuple[int, int]) -> "ChannelFactors | None":
         """The factors of ``coefficient [t = centre] I + W_t`` (an identity shortcut joined)."""
         if self.identity:
             return None
         return replace(self, of=weight, identity=float(coefficient), centre=tuple(centre))
 
     @classmethod
-    def stacked(cls, weight: torch.Tensor, parts: list[tuple["ChannelFactors", tuple[int, int]]]) -> "ChannelFactors | None":
+    def stacked(cls, weight: torch.Tensor,
+                parts: list[tuple["ChannelFactors", tuple[int, int]]]) -> "ChannelFactors | None":
         """The factors of a sum of convs of one input, each placed at its offset in ``weight``:
         ``sum_j L_j (B_j R_j)_t = [L_1 ... L_n] [(B_1 R_1)_t; ...; (B_n R_n)_t]`` (a downsampling
         block: its projection shortcut and its bottleneck branch), or None when that is no narrower
@@ -137,9 +139,8 @@ class ChannelFactors:
             return None
         cores = []
         for f, offset in parts:
-            placed = f.placed(weight, offset)
-            core = placed.core if f.right is None else torch.einsum("abyx,bi->aiyx", placed.core, f.right.to(placed.core))
-            cores.append(core)
+            core = f.placed(weight, offset).core
+            cores.append(core if f.right is None else torch.einsum("abyx,bi->aiyx", core, f.right.to(core)))
         dtype = weight.dtype
         return cls(of=weight, core=torch.cat([c.to(dtype) for c in cores]),
                    left=torch.cat([f.left.to(dtype) for f, _ in parts], 1))
