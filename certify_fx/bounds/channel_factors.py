@@ -12,13 +12,14 @@ At every frequency ``w`` of the DFT grid the conv is the matrix ``A(w) = a I + L
 
     ``||A(w)|| = max(|a|, ||M(w)||)`` if ``k < c``, else ``||M(w)||``.
 
-*Proof.* Let ``S = span(Q)``. For ``x`` orthogonal to ``S``, ``R x = 0`` (the rows of ``R``, the
-columns of ``R^T``, lie in ``S``), so ``A(w) x = a x``. For ``x`` in ``S``, ``A(w) x = a x +
-L B(w) R x`` lies in ``S`` (``span(L)`` does). The same holds for ``A(w)^H = conj(a) I +
-R^T B(w)^H L^T``. So ``S`` and its complement reduce ``A(w)``: it is block diagonal in the basis ``[Q, Q_perp]`` with blocks
-``Q^T A(w) Q = M(w)`` and ``a I``, and the norm of a block-diagonal matrix is the largest norm of
-its blocks. The circular conv on the canvas is block diagonal over the frequencies, each block
-``A(w)``, so the conv with kernel ``M`` on the same canvas has norm ``max_w ||M(w)||``.
+*Proof.* Let ``S = span(Q)``. For ``x`` orthogonal to ``S``, ``R x = 0`` (the rows of ``R``,
+the columns of ``R^T``, lie in ``S``), so ``A(w) x = a x``. For ``x`` in ``S``,
+``A(w) x = a x + L B(w) R x`` lies in ``S`` (``span(L)`` does). The same holds for
+``A(w)^H = conj(a) I + R^T B(w)^H L^T``. So ``S`` and its complement reduce ``A(w)``: it is block
+diagonal in the basis ``[Q, Q_perp]`` with blocks ``Q^T A(w) Q = M(w)`` and ``a I``, and the norm
+of a block-diagonal matrix is the largest norm of its blocks. The circular conv on the canvas is
+block diagonal over the frequencies, each block ``A(w)``, so the conv with kernel ``M`` on the
+same canvas has norm ``max_w ||M(w)||``.
 
 **Factors alone** (``a = 0``, any stride, padding or dilation). With ``L = Q_L R_L`` and
 ``R^T = Q_R R_R`` (thin QR), ``W_t = Q_L (R_L B_t R_R^T) Q_R^T``. Multiplying the output channels by
