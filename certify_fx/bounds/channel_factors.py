@@ -86,24 +86,21 @@ class ChannelFactors:
         return replace(self, of=weight, right=right)
 
     def scaled(self, vector: torch.Tensor, weight: torch.Tensor, side: str) -> "ChannelFactors | None":
-        """The factors of the kernel with its output (``side="out"``) or input channels scaled."""
-        if self.identity:
-            uniform = bool((vector == vector.reshape(-1)[0]).all())
-            if not uniform:
-                return None
-            s = float(vector.reshape(-1)[0])
-            core = self.core * s if (self.left if side == "out" else self.right) is None else self.core
-            left = self.left * s if side == "out" and self.left is not None else self.left
-            right = self.right * s if side == "in" and self.right is not None else self.right
-            return replace(self, of=weight, core=core, left=left, right=right, identity=self.identity * s)
+        """The factors of the kernel with its output (``side="out"``) or input channels scaled (with an
+        identity tap, only by one number: a per-channel scale of the identity is not ``a I``)."""
         v = vector.to(self.core)
+        identity = 0.0
+        if self.identity:
+            if not bool((v == v.reshape(-1)[0]).all()):
+                return None
+            identity = self.identity * float(v.reshape(-1)[0])
         if side == "out":
             if self.left is None:
-                return replace(self, of=weight, core=self.core * v.reshape(-1, 1, 1, 1))
-            return replace(self, of=weight, left=self.left * v[:, None])
+                return replace(self, of=weight, core=self.core * v.reshape(-1, 1, 1, 1), identity=identity)
+            return replace(self, of=weight, left=self.left * v[:, None], identity=identity)
         if self.right is None:
-            return replace(self, of=weight, core=self.core * v.reshape(1, -1, 1, 1))
-        return replace(self, of=weight, right=self.right * v[None, :])
+            return replace(self, of=weight, core=self.core * v.reshape(1, -1, 1, 1), identity=identity)
+        return replace(self, of=weight, right=self.right * v[None, :], identity=identity)
 
     def narrowed(self, weight: torch.Tensor, axis: int, first: int, length: int) -> "ChannelFactors | None":
         """The factors of the kernel cut to taps ``first .. first + length - 1`` along a spatial axis."""
