@@ -39,7 +39,8 @@ INSIDE = 0.999
 
 @dataclass
 class Violation:
-    """A point certified at ``radius`` whose prediction changed at l2 distance ``distance``."""
+    """A point certified at ``radius`` whose prediction changed at l2 distance ``distance`` (for a
+    top-k certificate: whose label ``predicted`` left the top k, ``became`` the k-th class above it)."""
 
     index: int
     radius: float
@@ -98,22 +99,26 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _worst_margin(model: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``f_pred - max_{j != pred} f_j`` per input (negative where the prediction changed), and that ``j``."""
+def _worst_margin(model: nn.Module, x: torch.Tensor, pred: torch.Tensor,
+                  top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f_pred`` less the ``top_k``-th largest other logit, per input (negative where ``pred`` left
+    the top ``top_k``; for ``top_k = 1``, where the prediction changed), and that other class."""
     logits = model(x)
     own = logits.gather(1, pred[:, None])[:, 0]
-    other = logits.scatter(1, pred[:, None], -torch.inf).max(1)
-    return own - other.values, other.indices
+    other = logits.scatter(1, pred[:, None], -torch.inf).topk(top_k, dim=1)
+    return own - other.values[:, -1], other.indices[:, -1]
 
 
 def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.Tensor | float, *,
-           steps: int = 30, restarts: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Search the l2 ball of ``radius`` (one per input) around each ``x`` for another class.
+           steps: int = 30, restarts: int = 1, seed: int = 0,
+           top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Search the l2 ball of ``radius`` (one per input) around each ``x`` for another class (with
+    ``top_k > 1``: for a point where ``pred`` is no longer among the ``top_k`` largest logits).
 
     PGD on the worst margin (step ``2.5 r / steps``, halved for the last third) from the centre and
     from ``restarts`` random points, then the boundary-following attack from the best point found.
     Returns ``(flipped, distance, became)``: whether the prediction changed, at what l2 distance,
-    and to which class (-1 where it did not).
+    and to which class (-1 where it did not; for ``top_k > 1``, the ``top_k``-th class above it).
     """
     radius = _expand(torch.as_tensor(radius, dtype=x.dtype, device=x.device).expand(len(x)), x)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -141,7 +146,7 @@ def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.
         """The worst margin at ``x + delta`` (recorded) and its gradient."""
         delta = delta.detach().requires_grad_(True)
         with torch.enable_grad():
-            margin, other = _worst_margin(model, x + delta, pred)
+            margin, other = _worst_margin(model, x + delta, pred, top_k)
             (grad,) = torch.autograd.grad(margin.sum(), delta)
         record(delta.detach(), margin.detach(), other)
         return margin.detach(), grad
@@ -159,7 +164,7 @@ def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.
                 unit = grad / _expand(grad.flatten(1).norm(dim=1).clamp_min(1e-12), x)
                 delta = project(delta.detach() - size * unit)
         with torch.no_grad():
-            record(delta, *_worst_margin(model, x + delta, pred))
+            record(delta, *_worst_margin(model, x + delta, pred, top_k))
     delta = best
     for _ in range(steps // 2):  # boundary following: Newton steps on the worst margin, in the ball
         margin, grad = probe(delta)
@@ -167,7 +172,7 @@ def attack(model: nn.Module, x: torch.Tensor, pred: torch.Tensor, radius: torch.
             squared = _expand(grad.flatten(1).square().sum(dim=1).clamp_min(1e-24), x)
             delta = project(delta.detach() - 1.02 * _expand(margin.clamp_min(0), x) * grad / squared)
     with torch.no_grad():
-        record(delta, *_worst_margin(model, x + delta, pred))
+        record(delta, *_worst_margin(model, x + delta, pred, top_k))
     return flipped, distance, became
 
 
@@ -202,7 +207,7 @@ def margin_lower_bound(model: nn.Module, x: torch.Tensor, i: int, j: int, steps:
 def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float | Sequence[float],
           bound: Any = None, *, method: str | CertificateMethod = "lipschitz", steps: int = 30,
           restarts: int = 1, tightness_pairs: int = 3, device: torch.device | str | None = None,
-          progress: ProgressLike | None = None) -> AuditReport:
+          progress: ProgressLike | None = None, top_k: int = 1) -> AuditReport:
     """Attack every certified point inside its radius, measure the certification gap and the
     tightness of ``K`` (see the module docstring).
 
@@ -219,42 +224,47 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
         method: ``"lipschitz"``, ``"crc"`` or a method object (see :func:`certify_fx.certify`).
         steps, restarts: attack strength.
         tightness_pairs: how many of the most frequent (predicted, runner-up) margins to check.
+        top_k: audit relaxed top-k certificates (``"lipschitz"`` only): each point whose label is
+            certified to stay among the ``top_k`` largest logits is attacked to push it out, and
+            the accuracies count labels among the top ``top_k``.
     """
     eps_list = [check_eps(eps)] if isinstance(eps, (int, float)) else sorted(check_eps(e) for e in eps)
-    method = certificate_method(method)
+    method = certificate_method(method, top_k=None if top_k == 1 else top_k)
     robust = {e: 0 for e in eps_list}
     violations: list[Violation] = []
     pairs: Counter[tuple[int, int]] = Counter()
     examples: dict[tuple[int, int], torch.Tensor] = {}
 
     def report(where: torch.Tensor, flipped: torch.Tensor, distance: torch.Tensor, became: torch.Tensor,
-               cert: Certificate, offset: int) -> None:
+               cert: Certificate, offset: int, radius: torch.Tensor, defended: torch.Tensor) -> None:
         """Record each flipped point of ``where`` as a violation, once per point."""
         seen = {v.index for v in violations}
         for k in flipped.nonzero()[:, 0].tolist():
             n = int(where[k])
             if offset + n not in seen:
-                violations.append(Violation(offset + n, float(cert.radius[n]), float(distance[k]), int(cert.pred[n]),
+                violations.append(Violation(offset + n, float(radius[n]), float(distance[k]), int(defended[n]),
                                             int(became[k])))
 
     def attack_batch(x: torch.Tensor, y: torch.Tensor, cert: Certificate, offset: int) -> str:
-        hit = cert.pred == y
-        # the certificate's own claim: nothing changes the prediction inside the radius
-        inside = (cert.radius > 0) & torch.isfinite(cert.radius)
+        hit = cert.correct(y)
+        # the certificate's own claim: nothing changes the prediction (or drops the label from the
+        # top k) inside the radius
+        defended, radius = cert.defended(y)
+        inside = (radius > 0) & torch.isfinite(radius)
         if inside.any():
             where = inside.nonzero()[:, 0]
-            radius = INSIDE * cert.radius[where].to(x.dtype)
-            report(where, *attack(model, x[where], cert.pred[where], radius, steps=steps, restarts=restarts),
-                   cert, offset)
+            report(where, *attack(model, x[where], defended[where], INSIDE * radius[where].to(x.dtype), steps=steps,
+                                  restarts=restarts, top_k=cert.top_k), cert, offset, radius, defended)
         # the certification gap at each eps: attacks on the correct points
         alive = hit.clone()
         for e in eps_list:
             if alive.any():
                 where = alive.nonzero()[:, 0]
-                flipped, distance, became = attack(model, x[where], cert.pred[where], e, steps=steps,
-                                                   restarts=restarts)
+                flipped, distance, became = attack(model, x[where], defended[where], e, steps=steps,
+                                                   restarts=restarts, top_k=cert.top_k)
                 alive[where[flipped]] = False
-                report(where, flipped & cert.at(e)[where], distance, became, cert, offset)  # certified at e, yet flipped
+                # certified at e, yet flipped
+                report(where, flipped & (radius[where] > e), distance, became, cert, offset, radius, defended)
             robust[e] += int(alive.sum())
         logits = model(x)
         runner_up = logits.scatter(1, cert.pred[:, None], -torch.inf).argmax(1)

@@ -31,6 +31,7 @@ def certify(
     use_estimate: bool = False,
     method: str | CertificateMethod = "lipschitz",
     crc_classes: int | None = None,
+    top_k: int = 1,
 ) -> Certificate:
     """Certify a batch at l2 radius ``eps``.
 
@@ -49,6 +50,10 @@ def certify(
             its two proven radii); or a :class:`~certify_fx.certificates.CertificateMethod`.
         crc_classes: with ``"crc"``, solve for the ``crc_classes`` classes nearest by the Lipschitz
             radius only (the others keep their Lipschitz radius; sound either way). All if None.
+        top_k: certify that a class stays among the ``top_k`` largest logits inside the ball
+            (relaxed top-k, ``"lipschitz"`` only): returns a
+            :class:`~certify_fx.certificates.TopKCertificate`, whose ``label_radius(y)`` and
+            ``verified_robust_accuracy(y)`` are about the labels ``y``.
 
     Raises:
         UnprovenBoundError: the bound is not proven (``bound.sound`` False) and ``use_estimate`` is False.
@@ -58,7 +63,8 @@ def certify(
             unknown ``method`` or an option it does not take, or ``"crc"`` for a model without a
             softplus MLP classifier.
     """
-    chosen = certificate_method(method, use_estimate=use_estimate or None, classes=crc_classes)
+    chosen = certificate_method(method, use_estimate=use_estimate or None, classes=crc_classes,
+                                top_k=None if top_k == 1 else top_k)
     return chosen.certify(model, x, eps, bound)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 from torch.utils.data import Dataset, Subset
 
-from .data import AUGMENTATIONS, DATASETS, DatasetInfo, build_dataset, dataset_info
+from .data import AUGMENTATIONS, DATASETS, DatasetInfo, build_dataset, build_transform, dataset_info, extra_dataset
 from .errors import RecipeError, did_you_mean
 from .losses import LOSSES, loss_options
 from .schedules import EPS_SCHEDULES, LR_SCHEDULES
@@ -30,16 +30,26 @@ __all__ = [
     "DataConfig",
     "DistillConfig",
     "EpsConfig",
+    "ExtraDataConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
     "Recipe",
     "apply_overrides",
+    "build_extra",
     "build_split",
     "load_recipe",
     "recipe_dataset_info",
     "recipe_from_dict",
 ]
+
+
+@dataclass
+class ExtraDataConfig:
+    """Extra images (e.g. generated ones) mixed into every training batch at a fixed ratio."""
+
+    path: str | None = None  #: an .npz of images and labels, or a folder of class-index sub-folders
+    ratio: float = 0.0  #: fraction of each batch drawn from them (0.75: 3 extra to 1 real)
 
 
 @dataclass
@@ -56,6 +66,7 @@ class DataConfig:
     train_subset: int | None = None  #: use only the first N training examples
     eval_subset: int | None = None  #: evaluate only the first N test examples
     synthetic: dict = field(default_factory=dict)  #: options of the synthetic dataset
+    extra: ExtraDataConfig = field(default_factory=ExtraDataConfig)
 
 
 @dataclass
@@ -270,6 +281,12 @@ def _validate(r: Recipe) -> None:
     if r.distill.weight < 0 or r.distill.temperature <= 0:
         raise RecipeError(f"recipe keys 'distill.weight' must be >= 0 and 'distill.temperature' > 0, got "
                           f"{r.distill.weight} and {r.distill.temperature}")
+    extra = r.data.extra
+    if extra.path is not None and not 0 < extra.ratio < 1:
+        raise RecipeError(f"recipe key 'data.extra.ratio' must be in (0, 1) (the fraction of each batch taken from "
+                          f"data.extra.path), got {extra.ratio}")
+    if extra.path is None and extra.ratio:
+        raise RecipeError("recipe key 'data.extra.ratio' is set but 'data.extra.path' is not")
     if r.eps.eps < 0 or r.optim.lr <= 0 or r.bound.power_steps < 0:
         raise RecipeError("eps.eps must be >= 0, optim.lr > 0 and bound.power_steps >= 0")
 
@@ -338,3 +355,13 @@ def build_split(recipe: Recipe, split: str, name: str | None = None) -> Dataset:
     dataset = build_dataset(name or d.name, split, d.root, d.augment, d.crop_padding, synthetic)
     limit = d.train_subset if split == "train" else d.eval_subset
     return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
+
+
+def build_extra(recipe: Recipe) -> Dataset | None:
+    """The recipe's extra training images (``data.extra.path``) with the training augmentation, or None."""
+    d = recipe.data
+    if d.extra.path is None:
+        return None
+    info = recipe_dataset_info(recipe)
+    transform = build_transform(info.img_size, d.augment, d.crop_padding) if d.augment else None
+    return extra_dataset(d.extra.path, info.input_shape, info.num_classes, transform)

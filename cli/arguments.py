@@ -96,3 +96,6 @@ def add_test_set_arguments(p: argparse.ArgumentParser, limit: int | None, limit_
                    help="certificate: 'lipschitz' (margins over K, default) or 'crc' (CRC-Lip, for models whose "
                         "classifier is a softplus MLP, e.g. lipconvnet_5 with head=mlp: a per-input convex "
                         "problem; each class keeps the larger of the two proven radii)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K",
+                   help="relaxed top-k certificates (lipschitz only): a point counts when its label provably stays "
+                        "among the K largest logits inside the radius; accuracy becomes top-K accuracy (default 1)")

@@ -13,6 +13,7 @@ AUDIT_EXAMPLES = """examples:
   certify-fx audit runs/fashion_mnist/checkpoint.pt --eps 0.1,0.3,0.5 --plot gap.png
   certify-fx audit runs/fashion_mnist/checkpoint.pt --json              {"violations", "vra", "empirical_robust_accuracy", "k_tightness", ...}
   certify-fx audit runs/fashion_mnist_lipconvnet_crc/checkpoint.pt --method crc
+  certify-fx audit runs/fashion_mnist/checkpoint.pt --top-k 2          labels certified to stay in the top 2
   certify-fx audit fm.pt --data fashion_mnist --limit 200               a model saved by `certify-fx convert -o fm.pt`
 
 exit status: 0 when no attack succeeds inside a certified radius, 1 when one does (each violation
@@ -43,15 +44,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     with progress_display() as progress:
         bound = cfx.certificate_bound(model, test.input_shape, args.method, progress=progress, capture=args.capture)
         report = audit(model, DataLoader(test.dataset, batch_size=args.batch_size), eps, bound, method=args.method,
-                       steps=args.steps, restarts=args.restarts, progress=progress)
-    summary = {**report.to_dict(), "model": loaded.name, "data": test.name, "seconds": time.perf_counter() - start}
+                       steps=args.steps, restarts=args.restarts, progress=progress, top_k=args.top_k)
+    summary = {**report.to_dict(), "top_k": args.top_k, "model": loaded.name, "data": test.name,
+               "seconds": time.perf_counter() - start}
     if args.plot:
         plot_certification_gap(report.vra, report.empirical_robust_accuracy, args.plot,
                                f"{loaded.name} on {test.name}")
     if args.json:
         print(json.dumps(summary))
         return 1 if report.violations else 0
-    title = f"{loaded.name} on {test.name} ({report.count} images, {args.method} certificate)"
+    top = "" if args.top_k == 1 else f", top-{args.top_k}"
+    title = f"{loaded.name} on {test.name} ({report.count} images, {args.method} certificate{top})"
     gap = Table(title=title)
     for col in ("eps", "VRA (certified)", "empirical robust (attacks)", "gap"):
         gap.add_column(col, justify="right")

@@ -36,6 +36,7 @@ examples:
   certify-fx certify runs/fmnist/checkpoint.pt --json           {"clean_accuracy", "vra", "bound", "seconds"}
   certify-fx certify fm.pt --data fashion_mnist                 a model saved by `certify-fx convert -o fm.pt`
   certify-fx certify runs/fashion_mnist_lipconvnet_crc/checkpoint.pt --method crc   the CRC-Lip certificate
+  certify-fx certify runs/fmnist/checkpoint.pt --top-k 3        labels certified to stay among the top 3
   certify-fx certify liresnet_l6w32 --weights w.safetensors --num-classes 10 --in-chans 1 \
       --kwarg img_size=28 --data fashion_mnist                  a model name and a weights file
 """
@@ -107,7 +108,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     eps = args.eps or recipe.eval_eps
     console = Console(stderr=args.json)
     start = time.perf_counter()
-    method = cfx.certificates.certificate_method(args.method, classes=args.crc_classes)
+    method = cfx.certificates.certificate_method(args.method, classes=args.crc_classes,
+                                                 top_k=None if args.top_k == 1 else args.top_k)
     with progress_display() as progress:  # on stderr: stdout stays clean for --json
         bound = cfx.certificate_bound(model, shape, method, progress=progress, capture=args.capture)
         bound_seconds = time.perf_counter() - start
@@ -117,7 +119,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     summary = {"clean_accuracy": result.clean_accuracy, "vra": {str(e): v for e, v in result.vra.items()},
                "bound": method.margin_bound(bound).margin.max().item(), "seconds": seconds,
                "bound_seconds": bound_seconds, "count": result.count, "sound": bound.sound,
-               "model": loaded.name, "data": data_name, "method": args.method}
+               "model": loaded.name, "data": data_name, "method": args.method, "top_k": args.top_k}
     if args.plot:
         plot_certified_accuracy(result.radii, args.plot, eps, f"{summary['model']} on {summary['data']}")
     if args.json:
@@ -126,9 +128,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
     table = Table(title=f"{loaded.name} on {data_name} test ({result.count} images), {method.title}")
     for col in ("metric", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
-    table.add_row("clean accuracy", f"{result.clean_accuracy:.4f}")
+    top = "" if args.top_k == 1 else f"top-{args.top_k} "
+    table.add_row(f"clean {top}accuracy", f"{result.clean_accuracy:.4f}")
     for e, v in result.vra.items():
-        table.add_row(f"VRA @ eps={e:.4g}", f"{v:.4f}")
+        table.add_row(f"{top}VRA @ eps={e:.4g}", f"{v:.4f}")
     for label, value in method.constants(bound).items():
         table.add_row(label.replace("[", "\\[") + " (sound)", f"{value:.6g}")
     table.add_row("bound seconds", f"{bound_seconds:.2f}")

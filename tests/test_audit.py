@@ -109,3 +109,19 @@ def test_certify_the_trainer_and_the_audit_report_one_vra(trained):
     assert certify_report["vra"] == audit_report["vra"] == trainer_vra
     assert certify_report["clean_accuracy"] == audit_report["clean_accuracy"] == history[-1]["clean_accuracy"]
     assert max(trainer_vra.values()) > 0.3  # a trained model: the comparison is not of zeros
+
+
+def test_top_k_audit_finds_no_violation_and_catches_a_bound_scaled_down(trained):
+    _, model, test_set = trained
+    report = audit(model, _batches(test_set, 100), [0.1, 0.3], steps=10, restarts=0, top_k=3)
+    top1 = audit(model, _batches(test_set, 100), [0.1, 0.3], steps=2, restarts=0)
+    assert report.sound and report.violations == []
+    assert report.clean_accuracy >= top1.clean_accuracy and report.clean_accuracy > 0.9  # top-3 accuracy
+    assert report.vra[0.3] > top1.vra[0.3]  # a weaker claim certifies more
+    assert all(report.empirical_robust_accuracy[e] >= report.vra[e] for e in (0.1, 0.3))
+    bound = certify_fx.bound(model, (1, 28, 28), estimate_steps=0)
+    false = dataclasses.replace(bound, margin=bound.margin / TAMPER)
+    tampered = audit(model, _batches(test_set, 100), [0.1], false, steps=10, restarts=0, top_k=3)
+    assert len(tampered.violations) > 10
+    v = tampered.violations[0]
+    assert v.distance <= 0.999 * v.radius + 1e-6 and v.became != v.predicted

@@ -148,3 +148,55 @@ def test_training_margin_has_finite_gradients_even_where_distances_are_zero():
     margin.sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def _pair_radius_brute_force(logits, margin, c, k):
+    """The k-th smallest (f_c - f_i - slack) / K[c, i] over i != c, one pair at a time."""
+    from certify_fx.certificates import ROUNDING_SLACK_ULPS
+    f = logits.double()
+    ulp = ROUNDING_SLACK_ULPS * torch.finfo(logits.dtype).eps
+    pairs = sorted(max(0.0, float(f[c] - f[i] - ulp * (f[c].abs() + f[i].abs())) / float(margin[c, i]))
+                   for i in range(len(f)) if i != c)
+    return pairs[k - 1]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_radii_match_their_definition_and_k1_is_the_certified_radius(k):
+    from certify_fx.certificates import certified_radius, top_k_radii
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(40, 7, generator=g) * 3
+    w = torch.randn(7, 5, generator=g)
+    margin = torch.cdist(w, w).double() * 1.3
+    classes = top_k_radii(logits, margin, k)
+    for n in range(0, 40, 7):
+        for c in range(7):
+            assert classes[n, c].item() == pytest.approx(_pair_radius_brute_force(logits[n], margin, c, k), rel=1e-12)
+    if k == 1:
+        pred, radius = certified_radius(logits, margin)
+        assert torch.equal(classes.gather(1, pred[:, None])[:, 0], radius)
+    bad = logits.clone()
+    bad[3, 2] = float("nan")
+    assert (top_k_radii(bad, margin, k)[3] == 0).all()
+    with pytest.raises(cfx.CertifyFxError, match="top_k"):
+        top_k_radii(logits, margin, 7)
+
+
+def test_certify_top_k_is_sound_by_attack_and_weaker_than_top_1():
+    from certify_fx.audit import attack
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), MinMax(), LLNLinear(32, 6)).eval()
+    x = torch.rand(64, 1, 4, 4)
+    y = model(x).topk(2, dim=1).indices[:, 1]  # the runner-up as the label: in the top 2, never the top 1
+    bound = cfx.bound(model, (1, 4, 4))
+    cert = cfx.certify(model, x, 0.05, bound, top_k=2)
+    assert isinstance(cert, cfx.TopKCertificate) and cert.top_k == 2
+    assert cert.accuracy(y) == 1.0 and cfx.certify(model, x, 0.05, bound).accuracy(y) == 0.0
+    labels, radius = cert.defended(y)
+    assert torch.equal(labels, y) and (radius > 0).any()
+    inside = radius > 0
+    flipped, _, _ = attack(model, x[inside], y[inside], 0.999 * radius[inside].float(), steps=30, top_k=2)
+    assert not flipped.any()
+    beyond, _, _ = attack(model, x[inside], y[inside], 20 * radius[inside].float() + 0.5, steps=30, top_k=2)
+    assert beyond.any()  # the attack can push a label out of the top 2 when allowed to
+    with pytest.raises(cfx.CertifyFxError, match="top_k"):
+        cfx.certify(model, x, 0.05, bound, top_k=0)

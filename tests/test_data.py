@@ -176,3 +176,87 @@ def test_two_moons_has_the_true_margin_of_the_cll_paper():
     moved = (x - clean).norm(dim=1)
     assert moved.max() <= 0.1 + 1e-6 and moved.mean() > 0.05  # uniform in the disk: mean 2/3 of the radius
     assert torch.equal(two_moons(2000, seed=3).tensors[0], x)
+
+
+# -- extra (e.g. generated) training data --------------------------------------------------------
+
+
+def test_extra_npz_in_any_layout_and_clear_errors(tmp_path):
+    from certify_fx.data import extra_dataset
+    from certify_fx.errors import CertifyFxError
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "hwc.npz", image=images, label=np.arange(6) % 4)
+    np.savez(tmp_path / "chw.npz", images=images.transpose(0, 3, 1, 2) / 255.0, labels=np.arange(6) % 4)
+    a, b = extra_dataset(tmp_path / "hwc.npz", (3, 8, 8), 4), extra_dataset(tmp_path / "chw.npz", (3, 8, 8), 4)
+    assert len(a) == 6 and a[5][1] == 1 and a[2][0].shape == (3, 8, 8)
+    assert torch.equal(a[2][0], b[2][0]) and torch.equal(a[2][0], torch.from_numpy(images[2]).permute(2, 0, 1) / 255)
+    np.savez(tmp_path / "gray.npz", x=images[..., 0], y=np.zeros(6))
+    assert extra_dataset(tmp_path / "gray.npz", (1, 8, 8), 4)[0][0].shape == (1, 8, 8)
+    with pytest.raises(CertifyFxError, match=r"shape \(6, 8, 8, 3\).*\(N, 3, 16, 16\)"):
+        extra_dataset(tmp_path / "hwc.npz", (3, 16, 16), 4)
+    with pytest.raises(CertifyFxError, match=r"labels .* must be in \[0, 2\]"):
+        extra_dataset(tmp_path / "hwc.npz", (3, 8, 8), 3)
+    np.savez(tmp_path / "objects.npz", image=np.array([object()] * 6), label=np.zeros(6))
+    with pytest.raises(CertifyFxError, match="cannot read"):  # pickled objects are refused, never loaded
+        extra_dataset(tmp_path / "objects.npz", (3, 8, 8), 4)
+    with pytest.raises(DatasetNotFoundError, match="nothing at"):
+        extra_dataset(tmp_path / "missing.npz", (3, 8, 8), 4)
+
+
+def test_extra_image_folder_by_class_index(tmp_path):
+    from certify_fx.data import extra_dataset
+    from certify_fx.errors import CertifyFxError
+    for label in (0, 2):
+        (tmp_path / "gen" / str(label)).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 40 * (label + 1), dtype=np.uint8)).save(tmp_path / "gen" / str(label) / "a.png")
+    data = extra_dataset(tmp_path / "gen", (1, 8, 8), 3)
+    assert [data[i][1] for i in range(2)] == [0, 2]
+    assert data[1][0].shape == (1, 8, 8) and data[1][0][0, 0, 0].item() == pytest.approx(120 / 255)
+    (tmp_path / "gen" / "cat").mkdir()
+    with pytest.raises(CertifyFxError, match="class indices"):
+        extra_dataset(tmp_path / "gen", (1, 8, 8), 3)
+
+
+def test_mixed_sampler_ratio_determinism_resumption_and_shards():
+    from certify_fx.train.sampling import MixedSampler
+    make = lambda **kw: MixedSampler(100, 30, 8, 6, shuffle=True, seed=3, **kw)  # noqa: E731
+    sampler = make(num_replicas=1, rank=0)
+    sampler.set_epoch(1)
+    stream = [i for _, i in sampler]
+    assert len(stream) == len(sampler) == (100 // 2) * 8
+    batches = [stream[k:k + 8] for k in range(0, len(stream), 8)]
+    assert all(sum(i >= 100 for i in b) == 6 and all(i >= 100 for i in b[2:]) for b in batches)
+    assert sorted(i for b in batches for i in b[:2]) == list(range(100))  # every real image once per epoch
+    again = make(num_replicas=1, rank=0)
+    again.set_epoch(1)
+    again.start_at(5 * 8)
+    assert [i for _, i in again] == stream[5 * 8:]  # resumes mid-epoch on the same batches
+    sampler.set_epoch(2)
+    assert [i for _, i in sampler] != stream  # another epoch, another order
+    shards = []
+    for rank in (0, 1):
+        s = make(num_replicas=2, rank=rank)
+        s.set_epoch(1)
+        shards.append([i for _, i in s])
+    real = [set(i for i in shard if i < 100) for shard in shards]
+    assert not real[0] & real[1] and len(real[0] | real[1]) == 100
+
+
+def test_a_run_mixes_the_extra_images_into_every_batch(tmp_path):
+    from certify_fx.train import Trainer, load_recipe
+    from certify_fx.errors import RecipeError
+    np.savez(tmp_path / "gen.npz", image=np.full((40, 16, 16), 128, dtype=np.uint8), label=np.full(40, 3))
+    root = Path(__file__).resolve().parents[1]
+    overrides = [f"output_dir={tmp_path / 'run'}", f"data.extra.path={tmp_path / 'gen.npz'}", "data.extra.ratio=0.25",
+                 "epochs=1"]
+    trainer = Trainer(load_recipe(root / "recipes" / "smoke.yaml", overrides))
+    assert trainer.steps_per_epoch == 512 // 48  # the real images decide the epoch: 48 real + 16 extra per batch
+    trainer.sampler.set_epoch(0)
+    x, y = next(iter(trainer.loader))
+    assert (y[48:] == 3).all() and torch.allclose(x[48:], torch.full_like(x[48:], 128 / 255))
+    trainer.fit()
+    with pytest.raises(RecipeError, match="data.extra.ratio"):
+        load_recipe(root / "recipes" / "smoke.yaml", overrides[:2] + ["data.extra.ratio=1.5"])
+    with pytest.raises(RecipeError, match="unknown recipe key 'data.extra.rate'.*allowed: path, ratio"):
+        load_recipe(root / "recipes" / "smoke.yaml", ["data.extra.rate=0.5"])

@@ -11,7 +11,7 @@ from certify_fx.models import ConvNet, LiResNet, LipschitzViT
 from certify_fx.nn import MinMax, ResNetBlock
 from conftest import empirical_margin_lipschitz, exact_margin_norms, jacobian_rows
 
-FAMILIES = ["liresnet_l6w128", "liresnet_l12w256", "liresnet_l12w512", "liresnet_l12w588", "gloro_convnet_l6w64",
+FAMILIES = ["liresnet_l6w128", "liresnet_l12w256", "liresnet_l12w512", "liresnet_l12w588", "chord_liresnet_l6w32", "gloro_convnet_l6w64",
             "gloro_resnet_l6w64", "convnet_4c3f", "convnet_6c2f", "convnet_8c2f", "lipschitz_vit_tiny_patch4"]
 
 
@@ -24,6 +24,7 @@ def test_registered_with_timm(name):
 
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("liresnet_l4w32", dict(img_size=28, in_chans=1), (1, 28, 28)),
+    ("chord_liresnet_l6w32", dict(img_size=28, in_chans=1, neck_dim=128), (1, 28, 28)),
     ("gloro_resnet_l6w32", dict(img_size=32), (3, 32, 32)),
     ("gloro_convnet_l6w32", dict(img_size=64), (3, 64, 64)),
     ("convnet_6c2f", dict(img_size=28, in_chans=1), (1, 28, 28)),
@@ -65,6 +66,20 @@ def test_block_kinds():
         assert type(model.blocks[0][0]).__name__ == kind
     with pytest.raises(ValueError, match="unknown block 'dense'"):
         LiResNet(block="dense")
+    with pytest.raises(ValueError, match="unknown neck 'wide'"):
+        LiResNet(neck="wide")
+    with pytest.raises(ValueError, match="must not widen"):
+        LiResNet(depth=1, width=4, img_size=8, stem=(3, 1, 1), neck="chord", neck_dim=17)
+
+
+def test_chord_liresnet_has_the_recipe_paper_layout_and_proven_unit_dense_layers():
+    model = timm.create_model("chord_liresnet_l6w32", num_classes=10, in_chans=1, img_size=28, neck_dim=128).eval()
+    assert len(model.dense) == 8 and all(isinstance(layer[1], MinMax) for layer in model.dense)
+    nodes = cfx.bound(model, (1, 28, 28), estimate_steps=0).nodes
+    rows = [r for r in nodes if r.node.startswith(("neck", "dense")) and r.kind == "linear"]
+    assert len(rows) == 9  # the neck's patch conv and dense map fold into one operator
+    for r in rows:
+        assert r.sound and 0.99 < r.factor <= 1 + 1e-5, r  # proven from the computed weights, not assumed
 
 
 def _linearised(model):
@@ -81,6 +96,8 @@ def _linearised(model):
     (lambda: LipschitzViT(num_classes=4, in_chans=1, img_size=8, patch_size=4, embed_dim=6, depth=2), (1, 8, 8)),
     (lambda: ConvNet([(4, 3, 1, 1), (4, 4, 2, 1)], [6], num_classes=3, in_chans=1, img_size=8), (1, 8, 8)),
     (lambda: LiResNet(num_classes=3, depth=2, width=4, in_chans=1, img_size=8, neck_dim=6, stem=(3, 1, 1)), (1, 8, 8)),
+    (lambda: LiResNet(num_classes=3, depth=2, width=4, in_chans=1, img_size=8, neck_dim=6, stem=(3, 1, 1), neck="chord",
+                      dense_depth=2), (1, 8, 8)),
 ])
 def test_linearised_families_are_bounded_exactly(build, shape):
     """Without activations each family is linear: the compiled margin constants must equal the

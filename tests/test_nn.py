@@ -56,3 +56,30 @@ def test_lln_rows_have_unit_norm():
     assert torch.allclose(head.normalized_weight().norm(dim=1), torch.ones(3))
     x = torch.randn(4, 5)
     torch.testing.assert_close(head(x), x @ head.normalized_weight().T + head.bias)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+def test_cholesky_orthogonal_singular_values_follow_the_ridge_formula(shape):
+    from certify_fx.nn import cholesky_orthogonal
+    torch.manual_seed(0)
+    v = torch.randn(*shape, dtype=torch.float64)
+    q = cholesky_orthogonal(v, ridge=1e-3)
+    s = torch.linalg.svdvals(v)
+    r = 1e-3 * (v @ v.T if shape[0] <= shape[1] else v.T @ v).diagonal().mean()
+    assert torch.allclose(torch.linalg.svdvals(q), s / (s**2 + r).sqrt(), atol=1e-12)
+    assert torch.linalg.matrix_norm(q, 2) < 1
+
+
+def test_cholesky_layers_train_and_keep_their_rule():
+    from certify_fx.nn import CholeskyConv2d, CholeskyLinear
+    torch.manual_seed(0)
+    conv, dense = CholeskyConv2d(3, 4, patch_size=2), CholeskyLinear(16, 16, identity_init=True, init_scale=0.1)
+    x = torch.randn(5, 3, 4, 4)
+    y = dense(conv(x).flatten(1))
+    y.square().sum().backward()
+    assert conv.weight.grad.abs().sum() > 0 and dense.weight.grad.abs().sum() > 0
+    # a patch conv with orthonormal rows preserves the norm of what its rows span; never increases any norm
+    assert (conv(x).flatten(1).norm(dim=1) <= x.flatten(1).norm(dim=1) * (1 + 1e-6)).all()
+    assert torch.dist(dense.orthogonal_weight(), torch.eye(16)) < 0.5  # starts near the identity
+    with pytest.raises(ValueError, match="square"):
+        CholeskyLinear(4, 5, identity_init=True)

@@ -187,3 +187,70 @@ def test_fast_gradients_keep_the_forward_and_input_gradient_and_approximate_the_
     error = (exact.weight.grad - fast.weight.grad).norm() / exact.weight.grad.norm()
     assert error == 0 if terms == 1 else error < 0.01  # one term is exact; more: the paper's approximation
     assert torch.equal(fast.eval()(x), exact.eval()(x))  # evaluation never uses the approximation
+
+
+# -- BRO: block reflector orthogonal convolution --------------------------------------------------
+
+
+def _bro(channels, rank=None, seed=0, kernel_size=3):
+    from certify_fx.nn import BRO
+    torch.manual_seed(seed)
+    layer = BRO(channels, kernel_size, rank=rank)
+    with torch.no_grad():
+        layer.weight.normal_()  # far from its initialisation: a generic kernel
+        layer.bias.normal_()
+    return layer.double().eval()
+
+
+@pytest.mark.parametrize("channels,rank,size,seed", [(4, 2, 5, 0), (6, 1, 4, 1), (6, 5, 6, 2), (8, 4, 3, 3)])
+def test_bro_is_proven_at_most_one_and_the_bound_matches_the_exact_norm(channels, rank, size, seed):
+    layer = _bro(channels, rank, seed)
+    shape = (channels, size, size)
+    exact = _exact_norm(layer, shape)
+    net = nn.Sequential(layer, MinMax(), nn.Flatten(), nn.Linear(channels * size * size, 3)).double().eval()
+    for limit in (0, 2048):  # bounded per frequency, and materialised
+        rows = [r for r in cfx.bound(net, shape, estimate_steps=0, materialize_limit=limit).nodes if r.node == "_0"]
+        assert len(rows) == 1 and rows[0].sound and rows[0].op == f"fourier conv {channels}->{channels}"
+        bound = rows[0].factor
+        assert exact <= bound * (1 + 1e-9) and bound <= 1 + 1e-5  # orthogonal response, cropped: at most 1
+    assert exact > 0.9  # the crop loses little: the bound is not vacuous
+
+
+def test_bro_operator_is_the_layer_and_its_adjoint():
+    from certify_fx.bounds.operators import FourierConv2d
+    layer = _bro(4, 2, seed=4)
+    x, y = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    op = FourierConv2d((4, 5, 5), layer.frequency_response(7, 7).detach(), 1)
+    assert torch.allclose(op.apply(x), layer(x) - layer.bias[:, None, None], atol=1e-12)
+    assert torch.allclose((op.apply(x) * y).sum(), (x * op.adjoint(y)).sum(), atol=1e-10)
+    # on the padded grid the circular part is a reflector per frequency: norms kept, up to the ridge
+    grid = torch.randn(8, 4, 7, 7, dtype=torch.float64)
+    ratio = FourierConv2d((4, 7, 7), op.response, 0).apply(grid).flatten(1).norm(dim=1) / grid.flatten(1).norm(dim=1)
+    assert (ratio <= 1 + 1e-12).all() and (ratio > 0.9).all()
+
+
+def test_bro_attack_finds_nothing_above_the_bound():
+    layer = _bro(6, 3, seed=5).float()
+    x = torch.randn(64, 6, 8, 8)
+    delta = torch.randn_like(x, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=0.05)
+    for _ in range(50):  # maximise ||f(x + d) - f(x)|| / ||d||
+        ratio = (layer(x + delta) - layer(x)).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)
+        opt.zero_grad()
+        (-ratio.sum()).backward()
+        opt.step()
+    assert ratio.max().item() <= 1 + 1e-5
+
+
+def test_bronet_and_soc_blocks_are_bounded_soundly():
+    import timm
+    for name, kwargs in [("bronet_l6w32", {}), ("liresnet_l4w32", {"block": "soc"})]:
+        model = timm.create_model(name, num_classes=10, in_chans=1, img_size=28, neck_dim=128, **kwargs).eval()
+        b = cfx.bound(model, (1, 28, 28), estimate_steps=0)
+        assert b.sound and torch.isfinite(b.margin).all()
+        blocks = [r for r in b.nodes if r.node.startswith("blocks") and (r.kind == "linear" or r.op.startswith("SOC"))]
+        assert len(blocks) == int(name.split("_l")[1][0])
+        assert blocks and all(r.factor <= 1.01 for r in blocks), blocks  # orthogonal blocks stay near 1
+    from certify_fx.nn import BRO
+    with pytest.raises(ValueError, match="rank"):
+        BRO(4, rank=4)

@@ -114,6 +114,18 @@ def dense_norm_bound(weight: torch.Tensor) -> NormBound:
     return NormBound(sigma * (1 + SAFETY), True, "svd")
 
 
+@torch.no_grad()
+def frequency_response_norm_bound(response: torch.Tensor) -> NormBound:
+    """Sound bound on the norm of a circular convolution given by its frequency response
+    ``(..., c_out, c_in)`` (one matrix per frequency): the largest singular value over the
+    frequencies, exact in float64, plus slack (a circular convolution is block-diagonalised by the
+    unitary DFT, so its norm is the largest norm of a block)."""
+    w = response.detach().to(torch.complex128).reshape(-1, *response.shape[-2:])
+    if w.numel() == 0:
+        return NormBound(0.0, True, "fft")
+    return NormBound(_largest_singular_value(w).max().item() * (1 + SAFETY), True, "fft")
+
+
 def _axis_plan(n: int, pad_lo: int, pad_hi: int, k_eff: int, stride: int) -> tuple[int, int, int]:
     """Per spatial axis: (input length after cropping, canvas size, phase count) for the DFT bound."""
     # Negative padding crops the input; cropping has norm <= 1, so bound the conv on the cropped input.

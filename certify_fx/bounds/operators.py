@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .channel_factors import ChannelFactors
-from .norms import NormBound, conv2d_adjoint, conv2d_norm_bound, dense_norm_bound, exact, SAFETY, structured_bounds
+from ..nn.bro import apply_frequency_response
+from .norms import (NormBound, conv2d_adjoint, conv2d_norm_bound, dense_norm_bound, exact, frequency_response_norm_bound,
+                    SAFETY, structured_bounds)
 
 __all__ = [
     "LinearOperator",
@@ -34,6 +36,7 @@ __all__ = [
     "Reduce",
     "Conv2d",
     "Dense",
+    "FourierConv2d",
     "NonnegativeMap",
     "TransposedConv2d",
     "Compose",
@@ -462,6 +465,45 @@ class TransposedConv2d(LinearOperator):
 
     def describe(self):
         return f"transposed {self.conv.describe()}"
+
+
+@dataclass
+class FourierConv2d(LinearOperator):
+    """``crop(C(pad(x)))``: zero padding by ``padding`` on each side, the circular convolution ``C``
+    on the padded grid given by its frequency response (``(H + 2p, (W + 2p) // 2 + 1, c_out, c_in)``
+    complex, the half spectrum :func:`torch.fft.rfft2` keeps), and the crop back to ``H x W``.
+
+    Padding and cropping have norm at most 1, so the largest norm of a response matrix bounds the map.
+    """
+
+    in_shape: Shape  # (C, H, W)
+    response: torch.Tensor
+    padding: int
+
+    @property
+    def out_shape(self) -> Shape:  # type: ignore[override]
+        return (self.response.shape[-2], *self.in_shape[1:])
+
+    def _through(self, x: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+        p = self.padding
+        y = apply_frequency_response(F.pad(x, (p, p, p, p)), response)
+        return y[..., p:y.shape[-2] - p, p:y.shape[-1] - p]
+
+    def apply(self, x):
+        return self._through(x, self.response)
+
+    def adjoint(self, y):
+        return self._through(y, self.response.mH)
+
+    def upper_bound(self):
+        return frequency_response_norm_bound(self.response)
+
+    def to(self, dtype):
+        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return replace(self, response=self.response.to(complex_dtype))
+
+    def describe(self):
+        return f"fourier conv {self.response.shape[-1]}->{self.response.shape[-2]}"
 
 
 @dataclass

@@ -10,7 +10,14 @@ certifies batch after batch; the methods are registered by name in :data:`CERTIF
 :func:`certify_fx.verified_robust_accuracy`, the trainer, the CLI and :func:`certify_fx.audit` use.
 """
 
-from .base import CERTIFICATE_METHODS, Certificate, CertificateMethod, certificate_method, register_certificate
+from .base import (
+    CERTIFICATE_METHODS,
+    Certificate,
+    CertificateMethod,
+    TopKCertificate,
+    certificate_method,
+    register_certificate,
+)
 from .lipschitz import LipschitzMethod
 from .crc import CRCLipMethod, CurvatureBound, curvature_bound, curvature_radius, margin_curvature
 from .evaluation import BatchHook, CertifiedEvaluation, evaluate_certified
@@ -23,6 +30,7 @@ from .radius import (
     pair_radii,
     round_up,
     rounding_slack,
+    top_k_radii,
 )
 
 __all__ = [
@@ -34,6 +42,7 @@ __all__ = [
     "CertifiedEvaluation",
     "CurvatureBound",
     "LipschitzMethod",
+    "TopKCertificate",
     "ROUNDING_SLACK_ULPS",
     "certificate_method",
     "certified_radius",
@@ -48,4 +57,5 @@ __all__ = [
     "register_certificate",
     "round_up",
     "rounding_slack",
+    "top_k_radii",
 ]

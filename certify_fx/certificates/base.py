@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from ..bounds.capture import CaptureMode
     from ..progress import ProgressLike
 
-__all__ = ["CERTIFICATE_METHODS", "Certificate", "CertificateMethod", "certificate_method", "register_certificate"]
+__all__ = ["CERTIFICATE_METHODS", "Certificate", "CertificateMethod", "TopKCertificate", "certificate_method",
+           "register_certificate"]
 
 
 @dataclass
@@ -51,13 +52,61 @@ class Certificate:
         """(N,) bool: robust at another radius, without recomputation."""
         return self.radius > check_eps(eps)
 
+    #: how many top classes a prediction may fall among (1: the argmax itself)
+    top_k: ClassVar[int] = 1
+
+    def correct(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the prediction is right (the label is the argmax)."""
+        return self.pred == labels.to(self.pred.device)
+
+    def defended(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class each point's certificate is about, and its radius: the prediction here (an
+        attack must change the argmax); the label for a :class:`TopKCertificate`."""
+        return self.pred, self.radius
+
+    def label_radius(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) the certified radius of each point, 0 where the prediction is wrong."""
+        return torch.where(self.correct(labels), self.radius, torch.zeros_like(self.radius))
+
     def accuracy(self, labels: torch.Tensor) -> float:
-        return (self.pred == labels.to(self.pred.device)).float().mean().item()
+        return self.correct(labels).float().mean().item()
 
     def verified_robust_accuracy(self, labels: torch.Tensor, eps: float | None = None) -> float:
         """Fraction of points both correct and certified at ``eps`` (default: ``self.eps``)."""
-        robust = self.at(self.eps if eps is None else eps)
-        return ((self.pred == labels.to(self.pred.device)) & robust).float().mean().item()
+        return (self.label_radius(labels) > check_eps(self.eps if eps is None else eps)).float().mean().item()
+
+
+@dataclass
+class TopKCertificate(Certificate):
+    """Relaxed top-k certificates (Leino et al., 2021, Section 6): a class is certified at ``eps``
+    if it provably stays among the ``k`` largest logits everywhere in the l2 ball of radius ``eps``.
+
+    Attributes:
+        class_radius: (N, m) the radius within which each class stays in the top ``k``
+            (:func:`~certify_fx.certificates.top_k_radii`); ``radius`` is the predicted class's.
+        k: the ``k`` of top-k.
+
+    ``correct`` means the label is among the top ``k`` logits, and the VRA counts the points whose
+    label is certified to stay there.
+    """
+
+    class_radius: torch.Tensor = None  # type: ignore[assignment]
+    k: int = 1
+
+    @property
+    def top_k(self) -> int:  # type: ignore[override]
+        return self.k
+
+    def correct(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the label is among the ``k`` largest logits (radius > 0, or a tie at the edge)."""
+        return self.label_radius(labels) > 0
+
+    def defended(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = labels.to(self.pred.device)
+        return labels, self.label_radius(labels)
+
+    def label_radius(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.class_radius.gather(1, labels.to(self.class_radius.device)[:, None])[:, 0]
 
 
 class CertificateMethod(ABC):
@@ -89,6 +138,11 @@ class CertificateMethod(ABC):
         """Predictions (N,) and certified radii (N,) float64 of the batch ``x``, with a ``bound``
         already checked by :meth:`check`."""
 
+    def batch_certificate(self, model: nn.Module, x: torch.Tensor, eps: float, bound: Any) -> Certificate:
+        """The certificate of the batch ``x`` at ``eps``, with a ``bound`` already checked."""
+        pred, radius = self.radii(model, x, bound)
+        return Certificate(pred, radius, eps, sound=self.sound)
+
     def constants(self, bound: Any) -> dict[str, float]:
         """The proven constants a report shows, by label (the largest ``K[i, j]`` and any others)."""
         return {"max K[i, j]": self.margin_bound(bound).max_margin}
@@ -104,8 +158,7 @@ class CertificateMethod(ABC):
         shape = tuple(x.shape[1:])
         bound = self.prove(model, shape) if bound is None else bound
         self.check(model, bound, shape)
-        pred, radius = self.radii(model, x, bound)
-        return Certificate(pred, radius, eps, sound=self.sound)
+        return self.batch_certificate(model, x, eps, bound)
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

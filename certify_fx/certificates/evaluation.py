@@ -95,13 +95,12 @@ def evaluate_certified(
                 checked = True
             else:
                 check_input_shape(method.margin_bound(bound), shape)
-            pred, radius = method.radii(model, x, bound)
-            cert = Certificate(pred, radius, eps_list[0] if eps_list else 0.0, sound=method.sound)
-        hit = cert.pred == y
+            cert = method.batch_certificate(model, x, eps_list[0] if eps_list else 0.0, bound)
+        hit, label_radius = cert.correct(y), cert.label_radius(y)
         for i, e in enumerate(eps_list):
-            robust[i] += int((hit & (cert.radius > e)).sum())
+            robust[i] += int((label_radius > e).sum())
         if keep_radii:
-            radii.append(torch.where(hit, cert.radius, torch.zeros_like(cert.radius)).cpu())
+            radii.append(label_radius.cpu())
         info = on_batch(x, y, cert, total) if on_batch is not None else None
         correct += int(hit.sum())
         total += len(y)

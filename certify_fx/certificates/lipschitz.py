@@ -10,8 +10,8 @@ from torch import nn
 from ..bounds.compiler import bound as margin_bound
 from ..bounds.result import LipschitzBound
 from ..errors import CertifyFxError
-from .base import CertificateMethod, register_certificate
-from .radius import certified_radius, check_logits, check_proven
+from .base import Certificate, CertificateMethod, TopKCertificate, register_certificate
+from .radius import certified_radius, check_logits, check_proven, top_k_radii
 
 if TYPE_CHECKING:
     from ..bounds.capture import CaptureMode
@@ -27,14 +27,19 @@ class LipschitzMethod(CertificateMethod):
     Args:
         use_estimate: certify with the power-iteration estimate instead of the proven bound (for
             reproducing papers; certificates are then marked ``sound=False``).
+        top_k: certify that a class stays among the ``k`` largest logits instead of staying the
+            largest (relaxed top-k; the certificates are :class:`TopKCertificate`).
     """
 
     name = "lipschitz"
     title = "proven bound"
 
-    def __init__(self, use_estimate: bool = False) -> None:
+    def __init__(self, use_estimate: bool = False, top_k: int = 1) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise CertifyFxError(f"top_k must be an integer >= 1, got {top_k!r}")
         self.use_estimate = bool(use_estimate)
         self.sound = not self.use_estimate
+        self.top_k = top_k
 
     def prove(self, model: nn.Module, input_shape: tuple[int, ...], progress: ProgressLike | None = None,
               capture: CaptureMode = "auto") -> LipschitzBound:
@@ -56,9 +61,24 @@ class LipschitzMethod(CertificateMethod):
         lipschitz = self.margin_bound(bound)
         check_proven(lipschitz.sound, lipschitz.finite, self.use_estimate)
 
-    def radii(self, model: nn.Module, x: torch.Tensor, bound: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, model: nn.Module, x: torch.Tensor, bound: Any) -> tuple[torch.Tensor, torch.Tensor]:
         lipschitz = self.margin_bound(bound)
         with torch.inference_mode():
             logits = model(x)
         check_logits(logits, x.shape[0], lipschitz.num_classes)
-        return certified_radius(logits, lipschitz.estimate if self.use_estimate else lipschitz.margin)
+        return logits, lipschitz.estimate if self.use_estimate else lipschitz.margin
+
+    def radii(self, model: nn.Module, x: torch.Tensor, bound: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and the radius within which each stays among the top ``k`` (the argmax for ``k = 1``)."""
+        if self.top_k == 1:
+            return certified_radius(*self._logits(model, x, bound))
+        cert = self.batch_certificate(model, x, 0.0, bound)
+        return cert.pred, cert.radius
+
+    def batch_certificate(self, model: nn.Module, x: torch.Tensor, eps: float, bound: Any) -> Certificate:
+        if self.top_k == 1:
+            return super().batch_certificate(model, x, eps, bound)
+        logits, margin = self._logits(model, x, bound)
+        classes = top_k_radii(logits, margin, self.top_k)
+        pred = logits.argmax(dim=1)
+        return TopKCertificate(pred, classes.gather(1, pred[:, None])[:, 0], eps, self.sound, classes, self.top_k)

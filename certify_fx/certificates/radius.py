@@ -18,7 +18,7 @@ from ..bounds.result import FULL_PRECISION, LipschitzBound
 from ..errors import CertifyFxError, StaleBoundError, UnprovenBoundError
 
 __all__ = ["ROUNDING_SLACK_ULPS", "certified_radius", "check_bound", "check_eps", "check_input_shape", "check_logits",
-           "check_proven", "pair_radii", "round_up", "rounding_slack", "smallest_radius"]
+           "check_proven", "pair_radii", "round_up", "rounding_slack", "smallest_radius", "top_k_radii"]
 
 #: Logits are computed in floating point: a gap of a few units in the last place of the logits is
 #: treated as a tie, so rounding can never turn into a certified margin. The slack subtracted from
@@ -136,3 +136,41 @@ def pair_radii(logits: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor
     ratio = ratio.scatter(1, pred[:, None], torch.inf)  # exclude i == j by index, never by value
     finite = torch.isfinite(values).all(dim=1) & bool(torch.isfinite(k).all())
     return pred, torch.where(finite[:, None], ratio, torch.nan)
+
+
+#: float64 entries :func:`top_k_radii` holds at once (the (rows, m, m) gaps of a chunk)
+_TOP_K_CHUNK = 1 << 24
+
+
+def top_k_radii(logits: torch.Tensor, margin: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, m) float64: per input and class ``c``, a radius within which ``c`` provably stays among
+    the ``k`` largest logits (relaxed top-k robustness; Leino et al., 2021, Section 6).
+
+    Class ``i`` can overtake ``c`` inside the ball of radius ``r`` only if ``f_c - f_i <= r K[c, i]``,
+    so at most ``k - 1`` classes can overtake ``c`` inside the ``k``-th smallest of the pair radii
+    ``(f_c - f_i) / K[c, i]`` over ``i != c`` (0 for a class already above ``c``): ``c`` keeps at
+    most ``k - 1`` classes above it. The gaps carry the same rounding slack as
+    :func:`pair_radii`; a row with a NaN/inf logit, or a NaN/inf in ``K``, gets radius 0 for every
+    class. ``k = 1`` gives the predicted class its :func:`certified_radius` (and 0 to the others).
+    """
+    if logits.dtype not in FULL_PRECISION:
+        raise CertifyFxError(f"logits are {logits.dtype}; certificates need float32 or float64 logits")
+    m = logits.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < m:
+        raise CertifyFxError(f"top_k must be an integer in [1, {m - 1}] for {m} classes, got {k!r}")
+    values = logits.detach().to(torch.float64)
+    K = margin.detach().to(device=values.device, dtype=torch.float64)
+    ulp = ROUNDING_SLACK_ULPS * torch.finfo(logits.dtype).eps
+    finite_k = bool(torch.isfinite(K).all())
+    eye = torch.eye(m, dtype=torch.bool, device=values.device)
+    out = []
+    for chunk in values.split(max(1, _TOP_K_CHUNK // (m * m))):
+        gap = chunk[:, :, None] - chunk[:, None, :]  # [n, c, i] = f_c - f_i
+        gap = gap - ulp * (chunk.abs()[:, :, None] + chunk.abs()[:, None, :])
+        ratio = torch.where(K > 0, gap / K.clamp_min(torch.finfo(torch.float64).tiny),
+                            torch.where(gap > 0, torch.inf, 0.0)).clamp_min(0.0)
+        ratio = torch.nan_to_num(ratio, nan=0.0, posinf=torch.inf).masked_fill(eye, torch.inf)  # i == c by index
+        radius = ratio.kthvalue(k, dim=2).values
+        finite = torch.isfinite(chunk).all(dim=1, keepdim=True) & finite_k
+        out.append(torch.where(finite, radius, 0.0))
+    return torch.cat(out) if out else values.new_zeros(0, m)

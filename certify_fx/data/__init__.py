@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from .augment import AUGMENTATIONS, build_transform
 from .cifar import CIFAR
+from .extra import extra_dataset
 from .fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, FashionMNIST
 from .folder import image_folder
 from .idx import read_idx
@@ -41,6 +42,7 @@ __all__ = [
     "build_dataset",
     "build_transform",
     "dataset_info",
+    "extra_dataset",
     "first_images",
     "read_idx",
     "two_moons",

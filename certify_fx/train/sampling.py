@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EpochBatches", "ResumableSampler", "SeededSamples", "sample_seed"]
+__all__ = ["EpochBatches", "MixedSampler", "ResumableSampler", "SeededSamples", "sample_seed"]
 
 _MASK = (1 << 63) - 1
 
@@ -48,6 +48,54 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start, self._start = self._start, 0
         for index in list(super().__iter__())[start:]:
+            yield self.epoch, index
+
+
+class MixedSampler(ResumableSampler):
+    """Batches that mix two datasets at a fixed ratio: each ``batch_size`` run of indices holds
+    ``batch_size - extra_per_batch`` real samples, then ``extra_per_batch`` extra ones, indexing a
+    ``ConcatDataset([real, extra])`` (extra indices are offset by ``real_size``).
+
+    The real samples are shuffled and sharded as :class:`ResumableSampler` does, and decide the
+    epoch's length. The extra ones come from a permutation of the extra set drawn from
+    ``(seed, epoch)``, read in consecutive slices (wrapping around when the epoch needs more than
+    the set holds), each process taking every ``num_replicas``-th. So the ``k``-th batch is a pure
+    function of ``(seed, epoch, k)`` and ``start_at`` resumes mid-epoch as before.
+    """
+
+    def __init__(self, real_size: int, extra_size: int, batch_size: int, extra_per_batch: int, **kwargs: Any) -> None:
+        if not 0 < extra_per_batch < batch_size:
+            raise ValueError(f"extra_per_batch must be in [1, {batch_size - 1}] for batches of {batch_size}, "
+                             f"got {extra_per_batch}")
+        if extra_size < 1:
+            raise ValueError("the extra dataset is empty")
+        super().__init__(range(real_size), drop_last=True, **kwargs)
+        self.real_size, self.extra_size = real_size, extra_size
+        self.batch_size, self.extra_per_batch = batch_size, extra_per_batch
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch (each process)."""
+        return self.num_samples // (self.batch_size - self.extra_per_batch)
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def _extra_indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        order = torch.randperm(self.extra_size, generator=generator)
+        wanted = self.steps * self.extra_per_batch * self.num_replicas
+        positions = torch.arange(self.rank, wanted, self.num_replicas) % self.extra_size
+        return (order[positions] + self.real_size).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self._start = self._start, 0
+        real = list(DistributedSampler.__iter__(self))
+        extra, n_real, n_extra = self._extra_indices(), self.batch_size - self.extra_per_batch, self.extra_per_batch
+        stream = []
+        for k in range(self.steps):
+            stream += real[k * n_real:(k + 1) * n_real] + extra[k * n_extra:(k + 1) * n_extra]
+        for index in stream[start:]:
             yield self.epoch, index
 
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ..bounds import bound as bound_model
 from ..certificates import evaluate_certified
@@ -33,13 +33,13 @@ from ..files import atomic_write_text
 from ..losses import MARGIN_FREE_LOSSES, GloRo, create_loss, distillation, needs_features
 from ..model_record import build_model, build_teacher
 from ..progress import ProgressLike, progress_display
-from ..recipe import Recipe, build_split, recipe_dataset_info, recipe_from_dict
+from ..recipe import Recipe, build_extra, build_split, recipe_dataset_info, recipe_from_dict
 from ..schedules import eps_schedule, linear_ramp, lr_scheduler
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, all_gather_objects, all_reduce_sum, shard
 from .interrupt import StopRequest, TrainingInterrupted, leave_stops_to_the_trainer
 from .run_dir import CHECKPOINT_NAME, LOG_NAME, RunDir, TensorBoardScalars
-from .sampling import EpochBatches, ResumableSampler, SeededSamples
+from .sampling import EpochBatches, MixedSampler, ResumableSampler, SeededSamples
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "Trainer", "TrainingInterrupted", "train"]
 
@@ -145,8 +145,7 @@ class Trainer:
         world = self.ctx.world_size
         if recipe.data.batch_size % world:
             raise RecipeError(f"data.batch_size {recipe.data.batch_size} is not divisible by {world} processes")
-        self.sampler = ResumableSampler(self.train_set, num_replicas=world, rank=self.ctx.rank, shuffle=True,
-                                        seed=recipe.seed, drop_last=True)
+        self.sampler = self._sampler(build_extra(recipe), world)
         self.loader = DataLoader(SeededSamples(self.train_set, recipe.seed), batch_size=recipe.data.batch_size // world,
                                  sampler=self.sampler, drop_last=True, num_workers=recipe.data.num_workers,
                                  pin_memory=device.type == "cuda", worker_init_fn=leave_stops_to_the_trainer)
@@ -237,6 +236,26 @@ class Trainer:
         return self.run.checkpoint
 
     # -- training ---------------------------------------------------------------------------
+    def _sampler(self, extra: Dataset | None, world: int) -> ResumableSampler:
+        """Shuffled, sharded, resumable; with extra data, each batch mixes it in at ``data.extra.ratio``
+        (the real images decide the epoch's length)."""
+        r = self.recipe
+        if extra is None:
+            return ResumableSampler(self.train_set, num_replicas=world, rank=self.ctx.rank, shuffle=True,
+                                    seed=r.seed, drop_last=True)
+        per_process = r.data.batch_size // world
+        extra_per_batch = min(max(round(per_process * r.data.extra.ratio), 1), per_process - 1)
+        real_size = len(self.train_set)
+        self.train_set = ConcatDataset([self.train_set, extra])
+        return MixedSampler(real_size, len(extra), per_process, extra_per_batch, num_replicas=world,
+                            rank=self.ctx.rank, shuffle=True, seed=r.seed)
+
+    def _train_size(self) -> str:
+        if isinstance(self.sampler, MixedSampler):
+            return (f"{self.sampler.real_size} + {self.sampler.extra_size} extra, "
+                    f"{self.sampler.extra_per_batch}/{self.sampler.batch_size} per batch")
+        return str(len(self.train_set))
+
     def _loss_options(self, progress: float) -> dict[str, Any]:
         lc = self.recipe.loss
         options = dict(lc.options)
@@ -401,7 +420,7 @@ class Trainer:
         params = sum(p.numel() for p in self.model.parameters())
         self.console.print(
             f"[bold]certify-fx train[/]: {r.model.name} ({params / 1e6:.2f}M parameters) on {r.data.name} "
-            f"({len(self.train_set)} train / {len(self.test_set)} test), loss {r.loss.name}, eps {r.eps.eps:.4f}, "
+            f"({self._train_size()} train / {len(self.test_set)} test), loss {r.loss.name}, eps {r.eps.eps:.4f}, "
             f"{r.epochs} epochs x {self.steps_per_epoch} steps, {self.ctx.world_size} process(es) on "
             f"{self.ctx.device.type} -> {self.run.path}", soft_wrap=True)
         if self.step:

@@ -155,6 +155,12 @@ def lln_module(ev, module, input):
     return _dense(ev, input, module.normalized_weight())
 
 
+@register_module_rule(cnn.CholeskyLinear)
+def cholesky_linear_module(ev, module, input):
+    # the weight the forward computes, bounded exactly: orthogonality is never assumed
+    return _dense(ev, input, module.orthogonal_weight())
+
+
 # -- convolutions ----------------------------------------------------------------------------
 
 
@@ -216,6 +222,12 @@ def conv(ev, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
 def conv_module(ev, module, input):
     _check_zero_padding(ev, module)
     return _conv(ev, input, module.weight, module.stride, module.padding, module.dilation, module.groups)
+
+
+@register_module_rule(cnn.CholeskyConv2d)
+def cholesky_conv_module(ev, module, input):
+    k = module.patch_size
+    return _conv2d(ev, input, module.orthogonal_weight(), k, 0, 1, 1)
 
 
 def _conv_transpose2d(ev, x, weight, stride, padding, output_padding, groups, dilation):

@@ -1,4 +1,5 @@
-"""Orthogonal-by-construction layers: the skew-orthogonal convolution (SOC) and projection pooling.
+"""Orthogonal-by-construction layers: the skew-orthogonal convolution (SOC), the block reflector
+orthogonal convolution (BRO) and projection pooling.
 
 SOC's truncated exponential series is only approximately orthogonal; its constant is proven from
 the exact skew-adjoint structure and a sound bound on ``||A||`` (see
@@ -13,7 +14,7 @@ import math
 from ... import nn as cnn
 from ...nn.soc import truncated_exp_norm_bound
 from ..norms import SAFETY
-from ..operators import Conv2d
+from ..operators import Conv2d, FourierConv2d
 from ..registry import register_module_rule
 from ..values import Lipschitz
 
@@ -37,6 +38,16 @@ def soc_module(ev, module, input):
                          norm_a.sound, norm_a.method)
     # the zero channel padding and space-to-depth around p(A) are isometries: the constant bounds the whole map
     return ev.nonlinear(input, constant, what=f"SOC p_{terms}(A), ||A|| <= {norm_a.bound:.4g}", whole_map=True)
+
+
+@register_module_rule(cnn.BRO)
+def bro_module(ev, module, input):
+    # the response the forward computes, bounded per frequency: orthogonality is never assumed
+    if len(input.shape) != 3 or input.shape[0] != module.channels:
+        ev.fail(f"BRO({module.channels}) needs (batch, {module.channels}, H, W) inputs, got {tuple(input.shape)}")
+    p = module.padding
+    response = module.frequency_response(input.shape[1] + 2 * p, input.shape[2] + 2 * p)
+    return ev.linear(input, FourierConv2d(input.shape, response, p))
 
 
 @register_module_rule(cnn.ProjectionPool2d)
