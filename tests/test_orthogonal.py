@@ -254,3 +254,14 @@ def test_bronet_and_soc_blocks_are_bounded_soundly():
     from certify_fx.nn import BRO
     with pytest.raises(ValueError, match="rank"):
         BRO(4, rank=4)
+
+
+@pytest.mark.parametrize("limit", [0, 2048])
+def test_nan_weights_in_bro_or_a_dense_layer_prove_nothing(limit):
+    from certify_fx.nn import BRO
+    for net in (nn.Sequential(BRO(4), MinMax(), nn.Flatten(), nn.Linear(100, 3)),
+                nn.Sequential(nn.Flatten(), nn.Linear(100, 50), MinMax(), nn.Linear(50, 3))):
+        with torch.no_grad():
+            [p for p in net.parameters() if p.dim() > 1][0][0].fill_(float("nan"))
+        b = cfx.bound(net.eval(), (4, 5, 5), estimate_steps=0, materialize_limit=limit)
+        assert not b.sound and not torch.isfinite(b.margin).all()

@@ -29,6 +29,8 @@ __all__ = [
     "dense_norm_bound",
     "conv2d_norm_bound",
     "conv2d_adjoint",
+    "frequency_response_norm_bound",
+    "largest_singular_value",
     "reference_bounds",
     "structured_bounds",
 ]
@@ -94,8 +96,11 @@ def exact(value: float) -> NormBound:
     return NormBound(float(value), True, "exact")
 
 
-def _largest_singular_value(matrices: torch.Tensor) -> torch.Tensor:
-    """Largest singular value of each matrix in a batch (..., m, n), via the smaller Gram matrix."""
+def largest_singular_value(matrices: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in a batch (..., m, n), via the smaller Gram matrix;
+    inf for a batch holding a NaN/inf (eigh would fail on it; nothing is proven either way)."""
+    if not bool(torch.isfinite(matrices).all()):
+        return torch.full(matrices.shape[:-2], math.inf, dtype=matrices.real.dtype, device=matrices.device)
     m, n = matrices.shape[-2:]
     gram = matrices @ matrices.mH if m <= n else matrices.mH @ matrices
     return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
@@ -110,7 +115,7 @@ def dense_norm_bound(weight: torch.Tensor) -> NormBound:
     w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
     if w.numel() == 0:
         return NormBound(0.0, True, "svd")
-    sigma = _largest_singular_value(w).item() if structured_bounds() else torch.linalg.matrix_norm(w, ord=2).item()
+    sigma = largest_singular_value(w).item() if structured_bounds() else torch.linalg.matrix_norm(w, ord=2).item()
     return NormBound(sigma * (1 + SAFETY), True, "svd")
 
 
@@ -123,7 +128,7 @@ def frequency_response_norm_bound(response: torch.Tensor) -> NormBound:
     w = response.detach().to(torch.complex128).reshape(-1, *response.shape[-2:])
     if w.numel() == 0:
         return NormBound(0.0, True, "fft")
-    return NormBound(_largest_singular_value(w).max().item() * (1 + SAFETY), True, "fft")
+    return NormBound(largest_singular_value(w).max().item() * (1 + SAFETY), True, "fft")
 
 
 def _axis_plan(n: int, pad_lo: int, pad_hi: int, k_eff: int, stride: int) -> tuple[int, int, int]:
@@ -191,7 +196,7 @@ def conv2d_norm_bound(
     w = w.reshape(groups, o // groups, w.shape[1], kh, kw)
     if kh == 1 and kw == 1:
         # a single frequency: the conv is a block-diagonal copy of one matrix, norm exact
-        sigma = max(_largest_singular_value(w[..., 0, 0]).max().item(), at_least)
+        sigma = max(largest_singular_value(w[..., 0, 0]).max().item(), at_least)
         return NormBound(sigma * (1 + SAFETY), True, "svd")
     sigma = math.sqrt(_max_gram_eigenvalue_on_grid(w, mh, mw, at_least**2))
     return NormBound(sigma * (1 + SAFETY), True, "fft")
@@ -215,7 +220,7 @@ def _max_gram_eigenvalue_on_grid(w: torch.Tensor, mh: int, mw: int, at_least: fl
     if mh * (mw // 2 + 1) * 8 < (kh * kw) ** 2:
         # few frequencies (small inputs): one Gram product per frequency is cheaper than the lags
         spectrum = torch.fft.rfft2(w, s=(mh, mw)).permute(0, 3, 4, 1, 2).reshape(-1, o, c)
-        return max(at_least, *(_largest_singular_value(m).max().item() ** 2 for m in spectrum.split(16)))
+        return max(at_least, *(largest_singular_value(m).max().item() ** 2 for m in spectrum.split(16)))
     taps = w.permute(0, 3, 4, 1, 2).reshape(g, kh * kw, o, c)
     if o > c:  # use the smaller Gram side: A^H A = sum W_t^T W_t' ...
         taps = taps.transpose(-1, -2)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .channel_factors import ChannelFactors
 from ..nn.bro import apply_frequency_response
 from .norms import (NormBound, conv2d_adjoint, conv2d_norm_bound, dense_norm_bound, exact, frequency_response_norm_bound,
-                    SAFETY, structured_bounds)
+                    largest_singular_value, SAFETY, structured_bounds)
 
 __all__ = [
     "LinearOperator",
@@ -924,9 +924,7 @@ def materialize(op: LinearOperator) -> torch.Tensor:
 def materialized_bound(op: LinearOperator) -> NormBound:
     """Exact norm of a small operator from its materialised matrix (plus float64 slack)."""
     matrix = materialize(op)
-    m, n = matrix.shape
-    gram = matrix @ matrix.T if m <= n else matrix.T @ matrix
-    sigma = torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt().item() if gram.numel() else 0.0
+    sigma = largest_singular_value(matrix).item() if matrix.numel() else 0.0
     return NormBound(sigma * (1 + SAFETY), True, "svd (materialised)")
 
 
