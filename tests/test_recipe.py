@@ -13,9 +13,12 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 def test_the_shipped_recipes():
     names = {p.stem for p in RECIPES}
     assert {"cifar10", "cifar100", "tinyimagenet", "imagenet", "fashion_mnist", "smoke"} <= names
+    import timm
+    import certify_fx.models  # noqa: F401  (the certify-fx families)
     for path in RECIPES:
         recipe = load_recipe(path)
         assert recipe.epochs >= 1 and recipe.eval_eps
+        assert ":" in recipe.model.name or timm.is_model(recipe.model.name), (path.name, recipe.model.name)
     imagenet = load_recipe(RECIPES[[p.stem for p in RECIPES].index("imagenet")])
     assert (imagenet.model.name, imagenet.data.batch_size, imagenet.epochs) == ("liresnet_l12w588", 1024, 400)
     assert imagenet.model.kwargs["neck_dim"] == 4096

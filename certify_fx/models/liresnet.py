@@ -143,7 +143,7 @@ def _register(prefix: str, depth: int, width: int) -> None:
 
 # The paper's configurations (L6W128 ... L12W588), deeper ones from App. D, and CPU-sized ones.
 for _depth, _width in [(6, 128), (12, 256), (12, 512), (12, 588), (18, 512), (24, 512), (6, 64), (12, 64), (4, 32),
-                       (6, 32), (12, 32)]:
+                       (6, 32), (12, 32), (6, 512)]:
     _register("liresnet", _depth, _width)
     _register("chord_liresnet", _depth, _width)
     _register("bronet", _depth, _width)
