@@ -9,6 +9,7 @@ cached next to the checkpoint, keyed by method and radii.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import signal
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -81,6 +82,21 @@ def train(console: Console, run: Run, out: Path) -> float:
             elapsed.write_text(f"{earlier + time.perf_counter() - start:.0f}\n")
         done.write_text(elapsed.read_text())
     return float(done.read_text()) / 60
+
+
+def script_arguments(description: str, runs_dir: str) -> argparse.ArgumentParser:
+    """The options every comparison script takes: where its runs live, and Markdown output."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", default=runs_dir)
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    return parser
+
+
+def trained(console: Console, runs: Sequence[Run], runs_dir: str | Path) -> Iterator[tuple[Run, Path, float]]:
+    """Each run trained (or found finished) in its folder under ``runs_dir``, with its minutes."""
+    for run in runs:
+        out = Path(runs_dir) / run.slug
+        yield run, out, train(console, run, out)
 
 
 def certify(out: Path, method: str, eps: Sequence[float]) -> dict:

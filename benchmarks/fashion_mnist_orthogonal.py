@@ -17,14 +17,13 @@ bound's seconds and the certification seconds per 10k images of each certificate
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import Run, certify, show, train  # noqa: E402
+from _runs import Run, certify, script_arguments, show, trained  # noqa: E402
 
 EPS = (0.1, 36 / 255, 0.3, 0.5)
 EPS_NAMES = ("0.1", "36/255", "0.3", "0.5")
@@ -37,15 +36,10 @@ RUNS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", default="runs/orthogonal")
-    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
-    args = parser.parse_args()
+    args = script_arguments(__doc__, "runs/orthogonal").parse_args()
     console = Console()
     rows = []
-    for run in RUNS:
-        out = Path(args.runs_dir) / run.slug
-        minutes = train(console, run, out)
+    for run, out, minutes in trained(console, RUNS, args.runs_dir):
         for method in run.methods:
             r = certify(out, method, EPS)
             per_10k = (r["seconds"] - r["bound_seconds"]) / r["count"] * 10_000
