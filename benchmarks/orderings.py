@@ -7,7 +7,7 @@ certified on the 10k test images with the proven bound; identical runs are share
   and 12, width 32 (LiResNet paper, App. C/D: LiResNet keeps improving with depth, the others not);
 * losses: GloRo-CE, GloRo-TRADES, EMMA and CLL on the same LiResNet (EMMA >= TRADES expected);
 * eps: trained for eps 0.1 / 0.5 / 1.0 (eps_train ramping to 2 eps), each evaluated at 0.1 / 0.3 / 0.5 / 1.0;
-* best: the full-length recipes, fashion_mnist.yaml (eps 0.1) and fashion_mnist_robust.yaml (the
+* best: the full-length recipes, fashion_mnist.yaml (eps 0.1) and fashion_mnist_robust_liresnet.yaml (the
   clean-vs-VRA@0.5 trade-off), each audited with `certify-fx audit` on 1000 test images.
 
 Two moons (CLL paper, Fig. 4 / App. B): a 7-layer MinMax MLP (10-20-40-40-20-10-2) trained with
@@ -63,7 +63,8 @@ def studies(epochs: int) -> dict[str, tuple[str, list[tuple[str, Run]]]]:
                                   ("CLL", "cll"))]
     eps = [(f"eps {e:g} (trained up to {2 * e:g})", fashion_mnist_run(epochs, eps=e)) for e in (0.1, 0.5, 1.0)]
     best = [("fashion_mnist.yaml (eps 0.1)", Run("fashion_mnist", "fashion_mnist.yaml")),
-            ("fashion_mnist_robust.yaml (eps 0.5)", Run("fashion_mnist_robust", "fashion_mnist_robust.yaml"))]
+            ("fashion_mnist_robust_liresnet.yaml (eps 0.5)",
+             Run("fashion_mnist_robust", "fashion_mnist_robust_liresnet.yaml"))]
     return {
         "depth": (f"Depth: block kinds at L = 6 and 12 (width 32, EMMA, eps 0.1, {epochs} epochs)", depth),
         "losses": (f"Losses on liresnet_l6w32 (eps 0.1, {epochs} epochs)", losses),

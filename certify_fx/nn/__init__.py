@@ -17,5 +17,5 @@ from .softplus_mlp import SmoothSoftplus, SoftplusMLP
 from .token_mixing import TokenMixing
 
 __all__ = ["Affine", "BRO", "CholeskyConv2d", "CholeskyLinear", "GroupSort", "HouseHolder", "LLNLinear", "LiResNetBlock",
-           "LinearBottleneck", "MinMax", "Normalize", "ProjectionPool2d", "ResNetBlock", "SOC", "SmoothSoftplus", "SoftplusMLP", "TokenMixing", "block_reflector",
-           "cholesky_orthogonal"]
+           "LinearBottleneck", "MinMax", "Normalize", "ProjectionPool2d", "ResNetBlock", "SOC", "SmoothSoftplus",
+           "SoftplusMLP", "TokenMixing", "block_reflector", "cholesky_orthogonal"]
