@@ -27,6 +27,7 @@ from torch import nn
 
 from .bounds.values import NodeBound
 from .certificates import Certificate, CertificateMethod, certificate_method, check_eps, evaluate_certified
+from .errors import CertifyFxError
 
 if TYPE_CHECKING:
     from .progress import ProgressLike
@@ -230,6 +231,9 @@ def audit(model: nn.Module, data: Iterable[tuple[torch.Tensor, torch.Tensor]], e
     """
     eps_list = [check_eps(eps)] if isinstance(eps, (int, float)) else sorted(check_eps(e) for e in eps)
     method = certificate_method(method, top_k=None if top_k == 1 else top_k)
+    if getattr(method, "top_k", 1) != top_k:
+        raise CertifyFxError(f"audit(top_k={top_k}) with a {type(method).__name__} certifying top "
+                             f"{getattr(method, 'top_k', 1)}; pass the method's name, or build it with top_k={top_k}")
     robust = {e: 0 for e in eps_list}
     violations: list[Violation] = []
     pairs: Counter[tuple[int, int]] = Counter()

@@ -125,3 +125,11 @@ def test_top_k_audit_finds_no_violation_and_catches_a_bound_scaled_down(trained)
     assert len(tampered.violations) > 10
     v = tampered.violations[0]
     assert v.distance <= 0.999 * v.radius + 1e-6 and v.became != v.predicted
+
+
+def test_a_method_object_that_certifies_another_k_is_refused():
+    from certify_fx.certificates import LipschitzMethod
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    data = [(torch.rand(2, 1, 2, 2), torch.tensor([0, 1]))]
+    with pytest.raises(certify_fx.CertifyFxError, match="top_k=2"):
+        audit(model, data, 0.1, method=LipschitzMethod(), top_k=2)
