@@ -98,7 +98,8 @@ class TopKCertificate(Certificate):
         return self.k
 
     def correct(self, labels: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: the label is among the ``k`` largest logits (radius > 0, or a tie at the edge)."""
+        """(N,) bool: the label is among the ``k`` largest logits by more than the rounding slack
+        (its top-k radius is positive; a tie at the edge does not count)."""
         return self.label_radius(labels) > 0
 
     def defended(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
