@@ -141,11 +141,11 @@ class Trainer:
                                    features=self.head_loss)
         self.loss_fn = create_loss(recipe.loss.name)
 
-        self.train_set, self.test_set = build_split(recipe, "train"), build_split(recipe, "test")
+        self.test_set = build_split(recipe, "test")
         world = self.ctx.world_size
         if recipe.data.batch_size % world:
             raise RecipeError(f"data.batch_size {recipe.data.batch_size} is not divisible by {world} processes")
-        self.sampler = self._sampler(build_extra(recipe), world)
+        self.train_set, self.sampler = self._training_data(build_split(recipe, "train"), build_extra(recipe), world)
         self.loader = DataLoader(SeededSamples(self.train_set, recipe.seed), batch_size=recipe.data.batch_size // world,
                                  sampler=self.sampler, drop_last=True, num_workers=recipe.data.num_workers,
                                  pin_memory=device.type == "cuda", worker_init_fn=leave_stops_to_the_trainer)
@@ -236,19 +236,19 @@ class Trainer:
         return self.run.checkpoint
 
     # -- training ---------------------------------------------------------------------------
-    def _sampler(self, extra: Dataset | None, world: int) -> ResumableSampler:
-        """Shuffled, sharded, resumable; with extra data, each batch mixes it in at ``data.extra.ratio``
+    def _training_data(self, real: Dataset, extra: Dataset | None, world: int) -> tuple[Dataset, ResumableSampler]:
+        """The training set and its sampler: shuffled, sharded, resumable; with extra data, a
+        concatenation whose sampler mixes the extra images into each batch at ``data.extra.ratio``
         (the real images decide the epoch's length)."""
         r = self.recipe
         if extra is None:
-            return ResumableSampler(self.train_set, num_replicas=world, rank=self.ctx.rank, shuffle=True,
-                                    seed=r.seed, drop_last=True)
+            return real, ResumableSampler(real, num_replicas=world, rank=self.ctx.rank, shuffle=True, seed=r.seed,
+                                          drop_last=True)
         per_process = r.data.batch_size // world
         extra_per_batch = min(max(round(per_process * r.data.extra.ratio), 1), per_process - 1)
-        real_size = len(self.train_set)
-        self.train_set = ConcatDataset([self.train_set, extra])
-        return MixedSampler(real_size, len(extra), per_process, extra_per_batch, num_replicas=world,
-                            rank=self.ctx.rank, shuffle=True, seed=r.seed)
+        return ConcatDataset([real, extra]), MixedSampler(len(real), len(extra), per_process, extra_per_batch,
+                                                           num_replicas=world, rank=self.ctx.rank, shuffle=True,
+                                                           seed=r.seed)
 
     def _train_size(self) -> str:
         if isinstance(self.sampler, MixedSampler):
