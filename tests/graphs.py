@@ -539,6 +539,30 @@ def _(r):
     return (lambda x, m: m[2](m[1](m[0](x)))), nn.Sequential(layer, mix, restore)
 
 
+@op("cholesky", "linear.cholesky_linear_module linear.cholesky_conv_module", linear=True)
+def _(r):
+    if r.random() < 0.5:
+        # well-conditioned (V V^T far from singular): the float64 copy the tests differentiate
+        # recomputes the factorisation, which agrees with the float32 one to about cond(V) x 1e-7
+        layer = cnn.CholeskyLinear(64, 64, identity_init=True, init_scale=r.uniform(0.1, 1))
+        restore = nn.Linear(layer.out_features, 64)  # back to the input's size, so the draw composes
+        return (lambda x, m: m[1](m[0](x.flatten(1))).view(x.shape[0], 4, 4, 4)), nn.Sequential(layer, restore)
+    conv = cnn.CholeskyConv2d(4, 4, patch_size=2, bias=True)
+    with torch.no_grad():
+        conv.weight.mul_(r.uniform(0.1, 3))
+        conv.bias.copy_(_randn(r, 4))
+    return (lambda x, m: m[1](m[0](x))), nn.Sequential(conv, nn.Upsample(scale_factor=2))
+
+
+@op("bro", "orthogonal.bro_module", linear=True)
+def _(r):
+    layer = cnn.BRO(4, r.choice([1, 3]), rank=r.choice([1, 2, 3]))
+    with torch.no_grad():  # around its initial selection: well-conditioned at every frequency
+        layer.weight.add_(_randn(r, *layer.weight.shape) * r.uniform(0.01, 0.2))
+        layer.bias.copy_(_randn(r, 4))
+    return (lambda x, m: m(x)), layer
+
+
 # -- normalisation -----------------------------------------------------------------------------
 def _bn(r, layer):
     with torch.no_grad():
